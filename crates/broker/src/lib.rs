@@ -1,0 +1,16 @@
+//! The broker seam: the [`Broker`] trait (read its module docs: they are the
+//! contract every implementation keeps), the in-memory [`MemoryBroker`] that
+//! makes a single node complete with no engine, history caps, and the one
+//! reconnect [`Backoff`].
+//!
+//! Depends only on `roomcast-protocol`; knows nothing of sockets or dialects.
+
+mod backoff;
+mod broker;
+mod history;
+mod memory;
+
+pub use backoff::Backoff;
+pub use broker::{Broker, BrokerError, EventSink, History, Published};
+pub use history::{HistoryCap, HistoryPolicy};
+pub use memory::MemoryBroker;
