@@ -1,1 +1,32 @@
-//! (in progress)
+//! The edge server: the [`Node`] that holds client sessions, the [`Hub`]
+//! (local room index and fan-out), the WebSocket transport, the native
+//! protocol, the publish API, health and metrics.
+//!
+//! Depends on the contract (`roomcast-protocol`), the broker seam
+//! (`roomcast-broker`) and credentials (`roomcast-auth`); it never names a
+//! concrete remote broker: the binary wires Redis in through [`Node::build`].
+
+mod auth;
+pub mod config;
+mod disconnect;
+mod frame;
+mod http;
+mod hub;
+mod ids;
+mod metrics;
+mod native;
+mod node;
+mod outbox;
+mod publish;
+mod ratelimit;
+mod session;
+mod ws;
+
+pub use config::Config;
+pub use disconnect::Disconnect;
+pub use hub::{Hub, Joined};
+pub use metrics::prometheus;
+pub use native::Format;
+pub use node::{history_policy, Node, NodeError};
+pub use publish::PUBLISHER_ROLE;
+pub use session::{Renderer, Session, MAX_RENDER_SLOTS};

@@ -1,0 +1,279 @@
+//! The node's one configuration struct. Every field has a serde default, so
+//! a config file names only what it changes; the `roomcast` binary layers
+//! flags and `ROOMCAST_*` environment variables on top, then calls
+//! [`Config::validate`]. Defaults are documented in docs/configuration.md
+//! and a test keeps the two equal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Serde helpers for durations written as `"10s"`, `"500ms"`, `"1h"`.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Everything a node needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP/WebSocket listener binds.
+    pub listen: SocketAddr,
+    /// This node's id in welcome frames, presence and logs; random when unset.
+    pub node_id: Option<String>,
+    pub limits: Limits,
+    pub auth: AuthSettings,
+    pub publish: PublishSettings,
+    pub broker: BrokerSettings,
+    /// Time over which SIGTERM closes sockets (1001), spread so clients do
+    /// not all reconnect at once.
+    #[serde(with = "duration")]
+    pub drain_window: Duration,
+    /// How long a room stays subscribed in the broker after its last local
+    /// member left, so churn does not thrash Redis.
+    #[serde(with = "duration")]
+    pub unsubscribe_delay: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            node_id: None,
+            limits: Limits::default(),
+            auth: AuthSettings::default(),
+            publish: PublishSettings::default(),
+            broker: BrokerSettings::default(),
+            drain_window: Duration::from_secs(10),
+            unsubscribe_delay: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Per-node and per-session limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Sessions per node; past it upgrades get HTTP 503 before the socket opens.
+    pub max_connections: usize,
+    /// Largest inbound message; bigger ones close the socket with 1009.
+    pub max_message_bytes: usize,
+    /// Rooms one session may hold at once (SUBSCRIPTION_LIMIT past it).
+    pub max_rooms_per_session: usize,
+    /// Inbound messages allowed per session per `rate_window`.
+    pub rate_messages: u32,
+    #[serde(with = "duration")]
+    pub rate_window: Duration,
+    /// Consecutive windows over the limit before the socket is closed with 1008.
+    pub rate_strikes: u32,
+    /// Server WebSocket ping interval.
+    #[serde(with = "duration")]
+    pub ping_interval: Duration,
+    /// A socket that sends nothing (not even a pong) for this long is closed.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Frames queued for one session before it counts as a slow consumer.
+    pub outbound_queue_frames: usize,
+    /// Bytes queued for one session before it counts as a slow consumer.
+    pub outbound_queue_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 20_000,
+            max_message_bytes: 64 * 1024,
+            max_rooms_per_session: 200,
+            rate_messages: 100,
+            rate_window: Duration::from_secs(10),
+            rate_strikes: 3,
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            outbound_queue_frames: 1024,
+            outbound_queue_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// How clients prove who they are and which rooms they may join.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// `HS256`, `RS256` or `ES256`; tokens signed otherwise are refused.
+    pub algorithm: String,
+    /// HS256 shared secret.
+    pub jwt_secret: Option<String>,
+    /// RS256/ES256 public key (PEM file).
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Seconds of clock skew tolerated on `exp`/`nbf`.
+    pub leeway_secs: u64,
+    /// Cookie that may carry the token (after `Authorization` and `?token=`).
+    pub cookie_name: String,
+    pub claim_user: String,
+    pub claim_tenant: String,
+    pub claim_teams: String,
+    pub claim_roles: String,
+    pub claim_rooms: String,
+    /// POST {tenant,user,room} → {"allow":bool} for rooms the token does not grant.
+    pub authz_callback_url: Option<String>,
+    #[serde(with = "duration")]
+    pub authz_timeout: Duration,
+    #[serde(with = "duration")]
+    pub authz_cache_ttl: Duration,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            algorithm: "HS256".into(),
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            leeway_secs: 0,
+            cookie_name: "roomcast_token".into(),
+            claim_user: "sub".into(),
+            claim_tenant: "tenant".into(),
+            claim_teams: "teams".into(),
+            claim_roles: "roles".into(),
+            claim_rooms: "rooms".into(),
+            authz_callback_url: None,
+            authz_timeout: Duration::from_secs(2),
+            authz_cache_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The HTTP publish API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PublishSettings {
+    /// Static API keys for trusted services (`Authorization: Bearer <key>`);
+    /// they may publish into any tenant named in the body.
+    pub api_keys: Vec<String>,
+    /// Largest publish request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for PublishSettings {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// Which broker carries events between nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BrokerSettings {
+    /// Standalone Redis URL; with neither this nor `redis_cluster` the
+    /// embedded memory broker is used (single node).
+    pub redis: Option<String>,
+    /// Redis Cluster seed URLs (sharded pub/sub).
+    pub redis_cluster: Vec<String>,
+    /// Prefix of every Redis key and channel.
+    pub prefix: String,
+    /// Events kept per room (history for resume).
+    pub history_max_len: usize,
+    /// Oldest event kept per room.
+    #[serde(with = "duration")]
+    pub history_max_age: Duration,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            redis: None,
+            redis_cluster: Vec::new(),
+            prefix: "rc:".into(),
+            history_max_len: 1000,
+            history_max_age: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A configuration that cannot run.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Checks what serde cannot: relations between fields and required secrets.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: &str| Err(ConfigError(m.to_owned()));
+        let l = &self.limits;
+        if l.max_connections == 0 {
+            return err("limits.max_connections must be at least 1");
+        }
+        if l.max_message_bytes < 128 {
+            return err("limits.max_message_bytes must be at least 128");
+        }
+        if l.rate_messages == 0 || l.rate_window.is_zero() {
+            return err("limits.rate_messages and limits.rate_window must be positive");
+        }
+        if l.ping_interval.is_zero() || l.idle_timeout <= l.ping_interval {
+            return err("limits.idle_timeout must be longer than limits.ping_interval");
+        }
+        if l.outbound_queue_frames == 0 || l.outbound_queue_bytes == 0 {
+            return err("limits.outbound_queue_* must be positive");
+        }
+        match self.auth.algorithm.to_ascii_uppercase().as_str() {
+            "HS256" if self.auth.jwt_secret.as_deref().unwrap_or("").is_empty() => {
+                return err("auth.jwt_secret is required with HS256 (or use --dev)")
+            }
+            "RS256" | "ES256" if self.auth.jwt_public_key_file.is_none() => {
+                return err("auth.jwt_public_key_file is required with RS256/ES256")
+            }
+            "HS256" | "RS256" | "ES256" => {}
+            _ => return err("auth.algorithm must be HS256, RS256 or ES256"),
+        }
+        if self.broker.redis.is_some() && !self.broker.redis_cluster.is_empty() {
+            return err("set broker.redis or broker.redis_cluster, not both");
+        }
+        if self.publish.api_keys.iter().any(|k| k.len() < 16) {
+            return err("publish.api_keys must be at least 16 characters each");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_means_defaults() {
+        let c: Config = toml::from_str("").unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn durations_read_as_text_and_unknown_keys_fail() {
+        let c: Config =
+            toml::from_str("drain_window = \"2s\"\n[limits]\nping_interval = \"500ms\"").unwrap();
+        assert_eq!(c.drain_window, Duration::from_secs(2));
+        assert_eq!(c.limits.ping_interval, Duration::from_millis(500));
+        assert!(toml::from_str::<Config>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn validate_requires_a_secret() {
+        let mut c = Config::default();
+        assert!(c.validate().is_err());
+        c.auth.jwt_secret = Some("s3cret".into());
+        c.validate().unwrap();
+    }
+}

@@ -1,0 +1,295 @@
+//! The hub: a node's local room index and fan-out.
+//!
+//! Rooms are sharded over independent `RwLock`s, so no global lock sits on
+//! the delivery path. A room holds one broker subscription however many local
+//! members it has: the first member subscribes (under a per-room striped lock,
+//! rolled back when the broker call fails), and the last one out unsubscribes
+//! after `unsubscribe_delay`, so join/leave churn does not thrash the broker.
+//! Fan-out renders each event once per renderer and pushes the same `Bytes`
+//! into every member's outbound queue; it never awaits a socket.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use metrics::{Counter, Gauge, Histogram};
+use roomcast_broker::{Broker, BrokerError, EventSink};
+use roomcast_protocol::{Event, EventId, RoomKey, RoomName};
+
+use crate::outbox::PushError;
+use crate::session::{Session, MAX_RENDER_SLOTS};
+
+const SHARDS: usize = 64;
+const STRIPES: usize = 256;
+
+#[derive(Default)]
+struct Room {
+    members: Vec<Arc<Session>>,
+    /// Whether the broker subscription is in place.
+    subscribed: bool,
+    /// Newest event delivered here, to fill a gap after a broker reconnect.
+    last_id: EventId,
+}
+
+/// The result of a join.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Joined {
+    New,
+    AlreadyMember,
+}
+
+struct HubMetrics {
+    events_in: Counter,
+    deliveries: Counter,
+    slow_consumer_drops: Counter,
+    latency: Histogram,
+    rooms: Gauge,
+    subscriptions: Gauge,
+    broker_subscribe_errors: Counter,
+}
+
+/// The local room index.
+pub struct Hub {
+    shards: Box<[RwLock<HashMap<RoomKey, Room>>]>,
+    stripes: Box<[tokio::sync::Mutex<()>]>,
+    broker: OnceLock<Arc<dyn Broker>>,
+    unsubscribe_delay: Duration,
+    metrics: HubMetrics,
+}
+
+fn index_of<T: Hash>(value: &T, n: usize) -> usize {
+    let mut h = std::hash::DefaultHasher::new();
+    value.hash(&mut h);
+    (h.finish() as usize) % n
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Hub {
+    pub fn new(unsubscribe_delay: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            broker: OnceLock::new(),
+            unsubscribe_delay,
+            metrics: HubMetrics {
+                events_in: metrics::counter!("roomcast_events_in_total"),
+                deliveries: metrics::counter!("roomcast_deliveries_total"),
+                slow_consumer_drops: metrics::counter!("roomcast_drops_total", "reason" => "slow_consumer"),
+                latency: metrics::histogram!("roomcast_publish_to_deliver_seconds"),
+                rooms: metrics::gauge!("roomcast_rooms"),
+                subscriptions: metrics::gauge!("roomcast_subscriptions"),
+                broker_subscribe_errors: metrics::counter!(
+                    "roomcast_broker_subscribe_errors_total"
+                ),
+            },
+        })
+    }
+
+    /// Connects the hub to its broker; only the first call counts.
+    pub fn attach(&self, broker: Arc<dyn Broker>) {
+        let _ = self.broker.set(broker);
+    }
+
+    fn broker(&self) -> &Arc<dyn Broker> {
+        self.broker
+            .get()
+            .expect("hub used before a broker was attached")
+    }
+
+    fn shard(&self, key: &RoomKey) -> &RwLock<HashMap<RoomKey, Room>> {
+        &self.shards[index_of(key, SHARDS)]
+    }
+
+    fn stripe(&self, key: &RoomKey) -> &tokio::sync::Mutex<()> {
+        &self.stripes[index_of(key, STRIPES)]
+    }
+
+    /// Adds the session to `room` (inside the session's tenant), subscribing
+    /// the node in the broker if it is the room's first local member.
+    pub async fn join(
+        &self,
+        session: &Arc<Session>,
+        room: RoomName,
+    ) -> Result<Joined, BrokerError> {
+        if session.in_room(&room) {
+            return Ok(Joined::AlreadyMember);
+        }
+        let key = RoomKey::new(session.tenant.clone(), room.clone());
+        let _stripe = self.stripe(&key).lock().await;
+        let subscribed = self
+            .shard(&key)
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .is_some_and(|r| r.subscribed);
+        if !subscribed {
+            if let Err(e) = self.broker().subscribe(&key).await {
+                self.metrics.broker_subscribe_errors.increment(1);
+                return Err(e);
+            }
+        }
+        {
+            let mut shard = self.shard(&key).write().unwrap_or_else(|p| p.into_inner());
+            let entry = shard.entry(key).or_insert_with(|| {
+                self.metrics.rooms.increment(1.0);
+                Room::default()
+            });
+            entry.subscribed = true;
+            entry.members.push(session.clone());
+        }
+        session.rooms().push(room);
+        self.metrics.subscriptions.increment(1.0);
+        Ok(Joined::New)
+    }
+
+    /// Removes the session from `room`; returns whether it was a member.
+    pub async fn leave(self: &Arc<Self>, session: &Arc<Session>, room: &RoomName) -> bool {
+        {
+            let mut rooms = session.rooms();
+            let Some(pos) = rooms.iter().position(|r| r == room) else {
+                return false;
+            };
+            rooms.remove(pos);
+        }
+        let key = RoomKey::new(session.tenant.clone(), room.clone());
+        let _stripe = self.stripe(&key).lock().await;
+        let now_empty = {
+            let mut shard = self.shard(&key).write().unwrap_or_else(|p| p.into_inner());
+            match shard.get_mut(&key) {
+                Some(r) => {
+                    if let Some(pos) = r.members.iter().position(|m| Arc::ptr_eq(m, session)) {
+                        r.members.swap_remove(pos);
+                    }
+                    r.members.is_empty()
+                }
+                None => false,
+            }
+        };
+        self.metrics.subscriptions.decrement(1.0);
+        if now_empty {
+            if self.unsubscribe_delay.is_zero() {
+                self.release_if_empty(&key).await;
+            } else {
+                let hub = self.clone();
+                let delay = self.unsubscribe_delay;
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _stripe = hub.stripe(&key).lock().await;
+                    hub.release_if_empty(&key).await;
+                });
+            }
+        }
+        true
+    }
+
+    /// Unsubscribes and forgets an empty room. Caller holds the room's stripe.
+    async fn release_if_empty(&self, key: &RoomKey) {
+        let empty = self
+            .shard(key)
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .is_some_and(|r| r.members.is_empty());
+        if !empty {
+            return;
+        }
+        if let Err(e) = self.broker().unsubscribe(key).await {
+            tracing::warn!(room = %key, error = %e, "broker unsubscribe failed; keeping the room");
+            return;
+        }
+        let mut shard = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
+        if shard.get(key).is_some_and(|r| r.members.is_empty()) {
+            shard.remove(key);
+            self.metrics.rooms.decrement(1.0);
+        }
+    }
+
+    /// Removes the session from every room it holds (at disconnect).
+    pub async fn leave_all(self: &Arc<Self>, session: &Arc<Session>) {
+        let rooms: Vec<RoomName> = session.rooms().clone();
+        for room in rooms {
+            self.leave(session, &room).await;
+        }
+    }
+
+    /// Local members of a room (for tests and introspection).
+    pub fn member_count(&self, tenant: &roomcast_protocol::TenantId, room: &RoomName) -> usize {
+        let key = RoomKey::new(tenant.clone(), room.clone());
+        self.shard(&key)
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .map_or(0, |r| r.members.len())
+    }
+
+    fn fan_out(&self, key: &RoomKey, event: &Event) {
+        let mut shard = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
+        let Some(room) = shard.get_mut(key) else {
+            return;
+        };
+        room.last_id = room.last_id.max(event.id);
+        let position = event.rooms.iter().position(|r| *r == key.room).unwrap_or(0);
+        let earlier_rooms = &event.rooms[..position];
+        let filter_audience = !event.audience.is_empty();
+        let filter_exclusions =
+            !event.exclude_users.is_empty() || !event.exclude_sessions.is_empty();
+        let mut rendered: [Option<Option<Bytes>>; MAX_RENDER_SLOTS] = Default::default();
+        let mut delivered = 0u64;
+        let mut slow = 0u64;
+        for session in &room.members {
+            // A session in several of the event's rooms gets it through the
+            // first of them only.
+            if !earlier_rooms.is_empty() && earlier_rooms.iter().any(|r| session.in_room(r)) {
+                continue;
+            }
+            if filter_audience && !event.audience_allows(&session.roles) {
+                continue;
+            }
+            if filter_exclusions && event.excludes(&session.user, &session.id) {
+                continue;
+            }
+            let slot = session.renderer.slot();
+            let frame =
+                rendered[slot].get_or_insert_with(|| session.renderer.render(event, &key.room));
+            let Some(frame) = frame else {
+                continue;
+            };
+            match session.outbox.push(frame.clone()) {
+                Ok(()) => delivered += 1,
+                Err(PushError::Overflow) => {
+                    slow += 1;
+                    tracing::info!(session = %session.id, "slow consumer: outbound queue full, disconnecting");
+                }
+                Err(PushError::Closed) => {}
+            }
+        }
+        drop(shard);
+        self.metrics.deliveries.increment(delivered);
+        if slow > 0 {
+            self.metrics.slow_consumer_drops.increment(slow);
+        }
+    }
+}
+
+impl EventSink for Hub {
+    fn deliver(&self, room: &RoomKey, event: Arc<Event>) {
+        self.metrics.events_in.increment(1);
+        if event.ts > 0 {
+            let lag_ms = now_ms().saturating_sub(event.ts);
+            self.metrics.latency.record(lag_ms as f64 / 1000.0);
+        }
+        self.fan_out(room, &event);
+    }
+
+    fn resynced(&self) {
+        tracing::info!("broker resynced; rooms resubscribed");
+    }
+}

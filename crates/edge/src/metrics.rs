@@ -1,0 +1,93 @@
+//! The Prometheus recorder. Installed once per process, before any metric
+//! handle is created (handles made earlier would bind to the no-op recorder).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Latency buckets, in seconds: fine below 10 ms where the SLO lives.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the recorder on first use and returns the handle that renders
+/// `/metrics`. When another recorder is already installed (an embedding
+/// program's), roomcast renders an empty page rather than fail.
+pub fn prometheus() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+            .expect("static bucket list is not empty")
+            .build_recorder();
+        let handle = recorder.handle();
+        if metrics::set_global_recorder(recorder).is_err() {
+            tracing::warn!("a metrics recorder was already installed; /metrics shows only roomcast's own recorder");
+        }
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        "roomcast_connections",
+        "Open client sessions on this node, by transport."
+    );
+    describe_counter!(
+        "roomcast_connections_total",
+        "Sessions accepted since start, by transport."
+    );
+    describe_counter!("roomcast_disconnects_total", "Sessions closed, by reason.");
+    describe_gauge!(
+        "roomcast_subscriptions",
+        "Session-room memberships on this node."
+    );
+    describe_gauge!(
+        "roomcast_rooms",
+        "Rooms with at least one local member (one broker subscription each)."
+    );
+    describe_counter!(
+        "roomcast_events_in_total",
+        "Events received from the broker for local rooms."
+    );
+    describe_counter!(
+        "roomcast_events_published_total",
+        "Events published through this node's HTTP API."
+    );
+    describe_counter!(
+        "roomcast_deliveries_total",
+        "Event frames queued to sessions."
+    );
+    describe_counter!(
+        "roomcast_drops_total",
+        "Frames or sessions dropped, by reason."
+    );
+    describe_counter!(
+        "roomcast_auth_failures_total",
+        "Refused credentials, by reason."
+    );
+    describe_counter!(
+        "roomcast_rejected_connections_total",
+        "Upgrades refused before the socket opened, by reason."
+    );
+    describe_counter!(
+        "roomcast_client_errors_total",
+        "Error frames sent to clients, by code."
+    );
+    describe_gauge!(
+        "roomcast_ready",
+        "1 while the node reports ready on /readyz."
+    );
+    describe_gauge!(
+        "roomcast_broker_healthy",
+        "1 while the broker connection is up."
+    );
+    describe_histogram!(
+        "roomcast_publish_to_deliver_seconds",
+        Unit::Seconds,
+        "Time from an event's ts to its fan-out on this node."
+    );
+}

@@ -1,0 +1,265 @@
+//! The node: one edge process. Owns the hub, the broker handle, credentials,
+//! the session registry and readiness; `run` serves until shutdown and then
+//! drains.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use roomcast_auth::{Authorizer, Verifier};
+use roomcast_broker::{Broker, EventSink, HistoryCap, HistoryPolicy, MemoryBroker};
+use roomcast_protocol::{NodeId, SessionId};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::disconnect::Disconnect;
+use crate::hub::Hub;
+use crate::native::{Format, NativeRenderer};
+use crate::session::{Renderer, Session};
+
+const REGISTRY_SHARDS: usize = 16;
+
+/// A node that could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("authentication setup: {0}")]
+    Auth(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("broker setup: {0}")]
+    Broker(#[source] roomcast_broker::BrokerError),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One edge node.
+pub struct Node {
+    config: Config,
+    id: NodeId,
+    hub: Arc<Hub>,
+    broker: Arc<dyn Broker>,
+    verifier: Verifier,
+    authorizer: Authorizer,
+    sessions: Box<[Mutex<HashMap<SessionId, Arc<Session>>>]>,
+    connections: AtomicUsize,
+    /// False once shutdown began, so `/readyz` fails before sockets close.
+    accepting: AtomicBool,
+    shutdown: watch::Sender<bool>,
+    pub(crate) native_json: Arc<dyn Renderer>,
+    pub(crate) native_proto: Arc<dyn Renderer>,
+}
+
+/// The history caps a config asks for.
+pub fn history_policy(config: &Config) -> HistoryPolicy {
+    HistoryPolicy {
+        default: HistoryCap {
+            max_len: config.broker.history_max_len,
+            max_age: config.broker.history_max_age,
+        },
+        per_kind: HashMap::new(),
+    }
+}
+
+impl Node {
+    /// Builds a node on the embedded memory broker.
+    pub async fn with_memory_broker(config: Config) -> Result<Arc<Node>, NodeError> {
+        let policy = history_policy(&config);
+        Self::build(config, move |sink| async move {
+            let broker = Arc::new(MemoryBroker::new(policy));
+            broker.attach(sink);
+            Ok(broker as Arc<dyn Broker>)
+        })
+        .await
+    }
+
+    /// Builds a node whose broker is made by `make_broker`, which receives
+    /// the hub as the sink for incoming events.
+    pub async fn build<F, Fut>(config: Config, make_broker: F) -> Result<Arc<Node>, NodeError>
+    where
+        F: FnOnce(Arc<dyn EventSink>) -> Fut,
+        Fut: Future<Output = Result<Arc<dyn Broker>, roomcast_broker::BrokerError>>,
+    {
+        config.validate()?;
+        crate::metrics::prometheus();
+        let verifier = crate::auth::verifier(&config).map_err(NodeError::Auth)?;
+        let authorizer = crate::auth::authorizer(&config).map_err(NodeError::Auth)?;
+        let hub = Hub::new(config.unsubscribe_delay);
+        let broker = make_broker(hub.clone() as Arc<dyn EventSink>)
+            .await
+            .map_err(NodeError::Broker)?;
+        hub.attach(broker.clone());
+        let id = match &config.node_id {
+            Some(id) => id.parse().map_err(|e| NodeError::Auth(Box::new(e)))?,
+            None => crate::ids::random_id("n")
+                .parse()
+                .expect("generated ids are valid"),
+        };
+        let (shutdown, _) = watch::channel(false);
+        Ok(Arc::new(Node {
+            id,
+            hub,
+            broker,
+            verifier,
+            authorizer,
+            sessions: (0..REGISTRY_SHARDS).map(|_| Mutex::default()).collect(),
+            connections: AtomicUsize::new(0),
+            accepting: AtomicBool::new(true),
+            shutdown,
+            native_json: Arc::new(NativeRenderer::new(Format::Json, 0)),
+            native_proto: Arc::new(NativeRenderer::new(Format::Proto, 1)),
+            config,
+        }))
+    }
+
+    pub fn id(&self) -> &NodeId {
+        &self.id
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    pub(crate) fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
+    pub(crate) fn authorizer(&self) -> &Authorizer {
+        &self.authorizer
+    }
+
+    /// Ready: accepting and the broker is healthy.
+    pub fn is_ready(&self) -> bool {
+        self.accepting.load(Ordering::Acquire) && self.broker.healthy()
+    }
+
+    /// Open sessions on this node.
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Reserves a connection slot; `None` at the cap or while draining.
+    pub(crate) fn try_reserve_connection(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        if !self.accepting.load(Ordering::Acquire) {
+            return None;
+        }
+        let max = self.config.limits.max_connections;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectionSlot { node: self.clone() })
+    }
+
+    fn registry(&self, id: &SessionId) -> &Mutex<HashMap<SessionId, Arc<Session>>> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        id.hash(&mut h);
+        &self.sessions[(h.finish() as usize) % REGISTRY_SHARDS]
+    }
+
+    pub(crate) fn register(&self, session: &Arc<Session>) {
+        self.registry(&session.id)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session.id.clone(), session.clone());
+        // A session that registered after the drain sweep still gets closed.
+        if *self.shutdown.borrow() {
+            session.outbox.close(Disconnect::SHUTDOWN, true);
+        }
+    }
+
+    pub(crate) fn unregister(&self, id: &SessionId) {
+        self.registry(id)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    fn all_sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions
+            .iter()
+            .flat_map(|s| {
+                s.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Serves `listener` until `shutdown` resolves, then drains: `/readyz`
+    /// fails, the listener closes, sockets are closed with 1001 spread over
+    /// the drain window, and `run` returns once they are gone (or the window
+    /// plus a grace period has passed).
+    pub async fn run(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), NodeError> {
+        metrics::gauge!("roomcast_ready").set(1.0);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let node = self.clone();
+                        tokio::spawn(async move { crate::http::serve_connection(node, stream, peer).await });
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+            }
+        }
+        drop(listener);
+        self.drain().await;
+        Ok(())
+    }
+
+    async fn drain(&self) {
+        self.accepting.store(false, Ordering::Release);
+        metrics::gauge!("roomcast_ready").set(0.0);
+        let _ = self.shutdown.send(true);
+        let sessions = self.all_sessions();
+        let window = self.config.drain_window;
+        tracing::info!(sessions = sessions.len(), ?window, "draining");
+        let n = sessions.len().max(1) as u32;
+        let start = tokio::time::Instant::now();
+        for (i, session) in sessions.iter().enumerate() {
+            tokio::time::sleep_until(start + window * i as u32 / n).await;
+            session.outbox.close(Disconnect::SHUTDOWN, true);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while self.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(remaining = self.connection_count(), "drain finished");
+    }
+}
+
+/// A reserved connection slot, released on drop.
+pub(crate) struct ConnectionSlot {
+    node: Arc<Node>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.node.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}

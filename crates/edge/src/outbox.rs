@@ -1,0 +1,167 @@
+//! A session's bounded outbound queue. The hub pushes shared frames without
+//! ever awaiting; the session's writer drains everything queued in one
+//! vectored write. Overflow is a policy: the session is cut off as a slow
+//! consumer, so one slow reader never grows node memory without bound.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use crate::disconnect::Disconnect;
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PushError {
+    /// The queue was full: the session is now closing as a slow consumer.
+    Overflow,
+    /// The session is already closing.
+    Closed,
+}
+
+#[derive(Default)]
+struct State {
+    frames: VecDeque<Bytes>,
+    bytes: usize,
+    close: Option<Disconnect>,
+}
+
+/// What the writer should do next.
+pub(crate) enum Next {
+    Write(VecDeque<Bytes>),
+    /// Write these, then the close frame, then stop.
+    Close(VecDeque<Bytes>, Disconnect),
+}
+
+pub(crate) struct Outbox {
+    state: Mutex<State>,
+    ready: Notify,
+    max_frames: usize,
+    max_bytes: usize,
+}
+
+impl Outbox {
+    pub(crate) fn new(max_frames: usize, max_bytes: usize) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            ready: Notify::new(),
+            max_frames,
+            max_bytes,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a frame. Never blocks beyond a short uncontended lock.
+    pub(crate) fn push(&self, frame: Bytes) -> Result<(), PushError> {
+        let mut st = self.lock();
+        if st.close.is_some() {
+            return Err(PushError::Closed);
+        }
+        if st.frames.len() >= self.max_frames || st.bytes + frame.len() > self.max_bytes {
+            st.frames = VecDeque::new();
+            st.bytes = 0;
+            st.close = Some(Disconnect::SLOW_CONSUMER);
+            drop(st);
+            self.ready.notify_one();
+            return Err(PushError::Overflow);
+        }
+        st.bytes += frame.len();
+        st.frames.push_back(frame);
+        let first = st.frames.len() == 1;
+        drop(st);
+        if first {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Asks the writer to close the socket. The first close wins;
+    /// `flush_first` sends what is queued before the close frame (a drain)
+    /// instead of dropping it.
+    pub(crate) fn close(&self, disconnect: Disconnect, flush_first: bool) {
+        let mut st = self.lock();
+        if st.close.is_none() {
+            if !flush_first {
+                st.frames = VecDeque::new();
+                st.bytes = 0;
+            }
+            st.close = Some(disconnect);
+        }
+        drop(st);
+        self.ready.notify_one();
+    }
+
+    pub(crate) fn is_closing(&self) -> bool {
+        self.lock().close.is_some()
+    }
+
+    /// Waits until there is something to write or a close to perform.
+    pub(crate) async fn next(&self) -> Next {
+        loop {
+            {
+                let mut st = self.lock();
+                if let Some(disconnect) = st.close {
+                    let frames = std::mem::take(&mut st.frames);
+                    st.bytes = 0;
+                    return Next::Close(frames, disconnect);
+                }
+                if !st.frames.is_empty() {
+                    st.bytes = 0;
+                    // take() leaves an empty deque that has not allocated, so an
+                    // idle session holds no queue buffer.
+                    return Next::Write(std::mem::take(&mut st.frames));
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn overflow_closes_as_slow_consumer() {
+        let o = Outbox::new(2, 1000);
+        o.push(Bytes::from_static(b"a")).unwrap();
+        o.push(Bytes::from_static(b"b")).unwrap();
+        assert_eq!(o.push(Bytes::from_static(b"c")), Err(PushError::Overflow));
+        assert_eq!(o.push(Bytes::from_static(b"d")), Err(PushError::Closed));
+        match o.next().await {
+            Next::Close(frames, d) => {
+                assert!(frames.is_empty(), "a slow consumer's backlog is dropped");
+                assert_eq!(d, Disconnect::SLOW_CONSUMER);
+            }
+            Next::Write(_) => panic!("expected close"),
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_everything_queued_and_flushes_before_a_drain_close() {
+        let o = Outbox::new(10, 1000);
+        for f in [&b"1"[..], b"2", b"3"] {
+            o.push(Bytes::copy_from_slice(f)).unwrap();
+        }
+        assert!(matches!(o.next().await, Next::Write(f) if f.len() == 3));
+        o.push(Bytes::from_static(b"4")).unwrap();
+        o.close(Disconnect::SHUTDOWN, true);
+        assert!(
+            matches!(o.next().await, Next::Close(f, d) if f.len() == 1 && d == Disconnect::SHUTDOWN)
+        );
+    }
+
+    #[tokio::test]
+    async fn byte_budget_counts_too() {
+        let o = Outbox::new(100, 10);
+        o.push(Bytes::from_static(b"123456")).unwrap();
+        assert_eq!(
+            o.push(Bytes::from_static(b"123456")),
+            Err(PushError::Overflow)
+        );
+    }
+}

@@ -1,0 +1,71 @@
+//! What the hub knows of a session: who it is, how its frames are rendered,
+//! its outbound queue and its rooms. Transports own the socket; the hub only
+//! ever holds an `Arc<Session>` and pushes into its [`Outbox`].
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use roomcast_protocol::{Event, RoomName, SessionId, TenantId, UserId};
+
+use crate::outbox::Outbox;
+
+/// Most distinct renderers a node serves (native JSON, native protobuf, SSE,
+/// one or two per dialect). The hub keeps one rendered frame per slot per
+/// fan-out.
+pub const MAX_RENDER_SLOTS: usize = 16;
+
+/// Turns an event into the exact bytes a session's transport writes. Called
+/// once per (event, room, renderer) fan-out; the bytes are shared.
+pub trait Renderer: Send + Sync + 'static {
+    /// A slot below [`MAX_RENDER_SLOTS`], unique per renderer on the node.
+    fn slot(&self) -> usize;
+    /// The frame for `event` delivered on `room`, or `None` when this
+    /// renderer does not carry that event.
+    fn render(&self, event: &Event, room: &RoomName) -> Option<Bytes>;
+}
+
+/// One authenticated client connection, whatever its transport.
+pub struct Session {
+    pub id: SessionId,
+    pub user: UserId,
+    pub tenant: TenantId,
+    pub roles: Box<[Arc<str>]>,
+    pub(crate) renderer: Arc<dyn Renderer>,
+    pub(crate) outbox: Outbox,
+    /// Rooms joined, in join order: for the per-session limit, for cleanup at
+    /// disconnect and to deliver a multi-room event once.
+    pub(crate) rooms: Mutex<Vec<RoomName>>,
+}
+
+impl Session {
+    pub(crate) fn new(
+        id: SessionId,
+        user: UserId,
+        tenant: TenantId,
+        roles: Box<[Arc<str>]>,
+        renderer: Arc<dyn Renderer>,
+        outbox: Outbox,
+    ) -> Self {
+        Self {
+            id,
+            user,
+            tenant,
+            roles,
+            renderer,
+            outbox,
+            rooms: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn rooms(&self) -> std::sync::MutexGuard<'_, Vec<RoomName>> {
+        self.rooms.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn in_room(&self, room: &RoomName) -> bool {
+        self.rooms().contains(room)
+    }
+
+    pub fn room_count(&self) -> usize {
+        self.rooms().len()
+    }
+}

@@ -1,0 +1,347 @@
+//! The WebSocket transport: checks before the upgrade (connection cap,
+//! credentials, subprotocol), then one reader loop and one writer task per
+//! session. The writer drains the session's outbox in vectored writes and
+//! sends pings; the reader parses frames, enforces size and rate limits,
+//! the idle timeout and token expiry, and hands messages to the dialect.
+
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fastwebsockets::{OpCode, Role, WebSocketError};
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use roomcast_protocol::native::ErrorCode;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::disconnect::Disconnect;
+use crate::frame::{close_frame, ws_frame, OP_PING, OP_PONG};
+use crate::http::{json_error, Body};
+use crate::native::{Format, NativeHandler};
+use crate::node::{ConnectionSlot, Node};
+use crate::outbox::{Next, Outbox};
+use crate::ratelimit::{RateLimiter, Verdict};
+use crate::session::Session;
+
+/// Handles `GET /v1/ws`: every refusal happens here, before the upgrade, so
+/// a refused client never gets an open socket.
+pub(crate) async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return json_error(
+            StatusCode::UPGRADE_REQUIRED,
+            ErrorCode::InvalidMessage,
+            "this endpoint speaks WebSocket only",
+        );
+    }
+    let Some(slot) = node.try_reserve_connection() else {
+        metrics::counter!("roomcast_rejected_connections_total", "reason" => "connection_limit")
+            .increment(1);
+        return json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ConnectionLimit,
+            "node is at its connection limit or draining; retry another node",
+        );
+    };
+    let (parts, body) = req.into_parts();
+    let token = roomcast_auth::token_from_request(&parts, Some(&node.config().auth.cookie_name));
+    req = Request::from_parts(parts, body);
+    let identity = match token.as_deref().map(|t| node.verifier().verify(t)) {
+        Some(Ok(identity)) => identity,
+        failure => {
+            let (reason, message) = match failure {
+                Some(Err(e)) => (e.reason(), e.to_string()),
+                _ => (
+                    "missing_token",
+                    "no token: send Authorization: Bearer, ?token= or the cookie".to_owned(),
+                ),
+            };
+            metrics::counter!("roomcast_auth_failures_total", "reason" => reason).increment(1);
+            return json_error(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::AuthenticationFailed,
+                &message,
+            );
+        }
+    };
+    let offer = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_PROTOCOL)
+        .and_then(|v| v.to_str().ok());
+    let negotiated = match Format::negotiate(offer) {
+        Ok(f) => f,
+        Err(message) => {
+            return json_error(StatusCode::BAD_REQUEST, ErrorCode::InvalidMessage, &message)
+        }
+    };
+    let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(pair) => pair,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidMessage,
+                &e.to_string(),
+            )
+        }
+    };
+    let mut response = response.map(|_| Body::default());
+    if let Some(format) = negotiated {
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(format.subprotocol()),
+        );
+    }
+    let format = negotiated.unwrap_or(Format::Json);
+    tokio::spawn(async move {
+        match upgrade.await {
+            Ok(ws) => run_session(node, slot, ws.into_inner(), identity, format).await,
+            Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+        }
+    });
+    response
+}
+
+type Io = TokioIo<hyper::upgrade::Upgraded>;
+
+async fn run_session(
+    node: Arc<Node>,
+    slot: ConnectionSlot,
+    io: Io,
+    identity: roomcast_auth::Identity,
+    format: Format,
+) {
+    let limits = node.config().limits.clone();
+    let renderer = match format {
+        Format::Json => node.native_json.clone(),
+        Format::Proto => node.native_proto.clone(),
+    };
+    let session = Arc::new(Session::new(
+        crate::ids::random_id("s")
+            .parse()
+            .expect("generated ids are valid"),
+        identity.user.clone(),
+        identity.tenant.clone(),
+        identity.roles.clone().into_boxed_slice(),
+        renderer,
+        Outbox::new(limits.outbound_queue_frames, limits.outbound_queue_bytes),
+    ));
+    let (read, write) = tokio::io::split(io);
+    let (reader, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
+    let mut reader = reader;
+    reader.set_max_message_size(limits.max_message_bytes);
+    reader.set_auto_close(false);
+    reader.set_auto_pong(false);
+
+    node.register(&session);
+    metrics::gauge!("roomcast_connections", "transport" => "ws").increment(1.0);
+    metrics::counter!("roomcast_connections_total", "transport" => "ws").increment(1);
+    tracing::debug!(session = %session.id, user = %identity.user, tenant = %identity.tenant, "session open");
+
+    let mut writer = tokio::spawn(write_loop(session.clone(), write, limits.ping_interval));
+    let handler = NativeHandler {
+        node: node.clone(),
+        session: session.clone(),
+        identity,
+        format,
+    };
+    handler.welcome();
+
+    let expires = token_deadline(handler.identity.expires_at);
+    let mut idle_deadline = Instant::now() + limits.idle_timeout;
+    let mut limiter = RateLimiter::new(
+        limits.rate_messages,
+        limits.rate_window,
+        limits.rate_strikes,
+    );
+    let mut fragments: Option<(bool, Vec<u8>)> = None;
+    let outbox = &session.outbox;
+    let mut obligated = |frame: fastwebsockets::Frame<'_>| {
+        // Only reached for obligations we did not disable; answer in order.
+        let _ = outbox.push(ws_frame(frame.opcode as u8, &frame.payload));
+        std::future::ready(Ok::<(), std::convert::Infallible>(()))
+    };
+    let reason: Disconnect = loop {
+        let frame = tokio::select! {
+            biased;
+            _ = &mut writer => break Disconnect::CLIENT_GONE,
+            _ = tokio::time::sleep_until(expires) => break Disconnect::TOKEN_EXPIRED,
+            _ = tokio::time::sleep_until(idle_deadline) => break Disconnect::IDLE_TIMEOUT,
+            frame = reader.read_frame(&mut obligated) => frame,
+        };
+        let frame = match frame {
+            Ok(f) => f,
+            Err(WebSocketError::FrameTooLarge) => {
+                handler.send_error(
+                    ErrorCode::MessageTooLarge,
+                    format!("messages are limited to {} bytes", limits.max_message_bytes),
+                    None,
+                );
+                break Disconnect::MESSAGE_TOO_LARGE;
+            }
+            Err(WebSocketError::UnexpectedEOF | WebSocketError::IoError(_)) => {
+                break Disconnect::CLIENT_GONE
+            }
+            Err(e) => {
+                tracing::debug!(session = %session.id, error = %e, "protocol error");
+                break Disconnect::PROTOCOL_ERROR;
+            }
+        };
+        idle_deadline = Instant::now() + limits.idle_timeout;
+        let (binary, payload): (bool, Bytes) = match frame.opcode {
+            OpCode::Ping => {
+                let _ = outbox.push(ws_frame(OP_PONG, &frame.payload));
+                continue;
+            }
+            OpCode::Pong => continue,
+            OpCode::Close => break Disconnect::CLIENT_CLOSED,
+            OpCode::Text | OpCode::Binary if frame.fin => {
+                if fragments.is_some() {
+                    break Disconnect::PROTOCOL_ERROR;
+                }
+                (
+                    frame.opcode == OpCode::Binary,
+                    Bytes::copy_from_slice(&frame.payload),
+                )
+            }
+            OpCode::Text | OpCode::Binary => {
+                if fragments.is_some() {
+                    break Disconnect::PROTOCOL_ERROR;
+                }
+                fragments = Some((frame.opcode == OpCode::Binary, frame.payload.to_vec()));
+                continue;
+            }
+            OpCode::Continuation => {
+                let Some((binary, buf)) = fragments.as_mut() else {
+                    break Disconnect::PROTOCOL_ERROR;
+                };
+                if buf.len() + frame.payload.len() > limits.max_message_bytes {
+                    handler.send_error(
+                        ErrorCode::MessageTooLarge,
+                        format!("messages are limited to {} bytes", limits.max_message_bytes),
+                        None,
+                    );
+                    break Disconnect::MESSAGE_TOO_LARGE;
+                }
+                buf.extend_from_slice(&frame.payload);
+                if !frame.fin {
+                    continue;
+                }
+                let binary = *binary;
+                let (_, buf) = fragments.take().expect("checked above");
+                (binary, Bytes::from(buf))
+            }
+        };
+        match limiter.check(Instant::now()) {
+            Verdict::Allow => handler.on_message(binary, &payload).await,
+            Verdict::Reject { first_in_window } => {
+                if first_in_window {
+                    handler.send_error(
+                        ErrorCode::RateLimitExceeded,
+                        format!(
+                            "at most {} messages per {:?}",
+                            limits.rate_messages, limits.rate_window
+                        ),
+                        None,
+                    );
+                }
+            }
+            Verdict::Disconnect => break Disconnect::RATE_LIMIT,
+        }
+        if outbox.is_closing() {
+            // A slow-consumer overflow or a drain: the writer ends the socket.
+            break Disconnect::CLIENT_GONE;
+        }
+    };
+
+    // Flush pending replies (e.g. the error frame) before a policy close; a
+    // gone client has nobody to flush to.
+    outbox.close(reason, reason != Disconnect::CLIENT_GONE);
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
+    writer.abort();
+    node.hub().leave_all(&session).await;
+    node.unregister(&session.id);
+    metrics::gauge!("roomcast_connections", "transport" => "ws").decrement(1.0);
+    metrics::counter!("roomcast_disconnects_total", "reason" => reason.label).increment(1);
+    tracing::debug!(session = %session.id, reason = reason.label, "session closed");
+    drop(slot);
+}
+
+/// When the token's `exp` passes; tokens without one never get here (the
+/// verifier requires `exp`), but a far deadline keeps the select simple.
+fn token_deadline(expires_at: u64) -> Instant {
+    let now_s = crate::hub::now_ms() / 1000;
+    let left = Duration::from_secs(expires_at.saturating_sub(now_s));
+    Instant::now() + left.min(Duration::from_secs(10 * 365 * 24 * 3600))
+}
+
+/// Drains the outbox into the socket, several frames per syscall, and sends
+/// a ping every `ping_interval`. Ends after writing a close frame or when the
+/// socket fails.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    session: Arc<Session>,
+    mut write: W,
+    ping_interval: Duration,
+) {
+    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
+    loop {
+        let next = tokio::select! {
+            next = session.outbox.next() => next,
+            _ = ping.tick() => {
+                let _ = session.outbox.push(ws_frame(OP_PING, b""));
+                continue;
+            }
+        };
+        match next {
+            Next::Write(frames) => {
+                if write_all_vectored(&mut write, frames.iter().cloned().collect())
+                    .await
+                    .is_err()
+                {
+                    session.outbox.close(Disconnect::CLIENT_GONE, false);
+                    return;
+                }
+            }
+            Next::Close(frames, disconnect) => {
+                let mut batch: Vec<Bytes> = frames.into_iter().collect();
+                if disconnect != Disconnect::CLIENT_GONE {
+                    batch.push(close_frame(disconnect.code, disconnect.reason));
+                }
+                let _ = write_all_vectored(&mut write, batch).await;
+                let _ = write.shutdown().await;
+                return;
+            }
+        }
+    }
+}
+
+/// Writes every frame, as few syscalls as the kernel allows.
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    write: &mut W,
+    mut frames: Vec<Bytes>,
+) -> std::io::Result<()> {
+    const MAX_IOV: usize = 64;
+    let mut start = 0;
+    while start < frames.len() {
+        let end = frames.len().min(start + MAX_IOV);
+        let slices: Vec<IoSlice<'_>> = frames[start..end].iter().map(|b| IoSlice::new(b)).collect();
+        let mut n = write.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        drop(slices);
+        while n > 0 {
+            let len = frames[start].len();
+            if n >= len {
+                n -= len;
+                start += 1;
+            } else {
+                let rest = frames[start].slice(n..);
+                frames[start] = rest;
+                n = 0;
+            }
+        }
+    }
+    write.flush().await
+}
