@@ -85,6 +85,10 @@ fn describe() {
         "roomcast_broker_healthy",
         "1 while the broker connection is up."
     );
+    describe_counter!(
+        "roomcast_broker_subscribe_errors_total",
+        "Room subscriptions the broker refused (the join is denied with INTERNAL_ERROR)."
+    );
     describe_histogram!(
         "roomcast_publish_to_deliver_seconds",
         Unit::Seconds,

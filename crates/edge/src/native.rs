@@ -217,10 +217,10 @@ impl NativeHandler {
                 .await
             {
                 Decision::Allow => {}
-                Decision::Deny(_) => {
+                Decision::Deny(reason) => {
                     denied.push(Denied {
                         room: raw,
-                        code: ErrorCode::AuthorizationFailed,
+                        code: reason.error_code(),
                     });
                     continue;
                 }

@@ -92,7 +92,9 @@ impl Node {
             .map_err(NodeError::Broker)?;
         hub.attach(broker.clone());
         let id = match &config.node_id {
-            Some(id) => id.parse().map_err(|e| NodeError::Auth(Box::new(e)))?,
+            Some(id) => id
+                .parse()
+                .map_err(|e| crate::config::ConfigError(format!("node_id: {e}")))?,
             None => crate::ids::random_id("n")
                 .parse()
                 .expect("generated ids are valid"),
@@ -209,7 +211,17 @@ impl Node {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), NodeError> {
-        metrics::gauge!("roomcast_ready").set(1.0);
+        let gauges = tokio::spawn({
+            let node = self.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tick.tick().await;
+                    node.publish_health_gauges();
+                }
+            }
+        });
+        self.publish_health_gauges();
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -227,14 +239,25 @@ impl Node {
                 },
             }
         }
+        // Not ready first, then stop accepting, then close sockets.
+        self.accepting.store(false, Ordering::Release);
+        self.publish_health_gauges();
         drop(listener);
         self.drain().await;
+        gauges.abort();
         Ok(())
     }
 
+    fn publish_health_gauges(&self) {
+        metrics::gauge!("roomcast_ready").set(if self.is_ready() { 1.0 } else { 0.0 });
+        metrics::gauge!("roomcast_broker_healthy").set(if self.broker.healthy() {
+            1.0
+        } else {
+            0.0
+        });
+    }
+
     async fn drain(&self) {
-        self.accepting.store(false, Ordering::Release);
-        metrics::gauge!("roomcast_ready").set(0.0);
         let _ = self.shutdown.send(true);
         let sessions = self.all_sessions();
         let window = self.config.drain_window;

@@ -99,6 +99,11 @@ impl Outbox {
         self.lock().close.is_some()
     }
 
+    /// Why the session is closing, once it is.
+    pub(crate) fn close_reason(&self) -> Option<Disconnect> {
+        self.lock().close
+    }
+
     /// Waits until there is something to write or a close to perform.
     pub(crate) async fn next(&self) -> Next {
         loop {

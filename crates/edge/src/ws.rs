@@ -148,7 +148,7 @@ async fn run_session(
     };
     handler.welcome();
 
-    let expires = token_deadline(handler.identity.expires_at);
+    let expires = token_deadline(handler.identity.expires_at + node.config().auth.leeway_secs);
     let mut idle_deadline = Instant::now() + limits.idle_timeout;
     let mut limiter = RateLimiter::new(
         limits.rate_messages,
@@ -162,10 +162,14 @@ async fn run_session(
         let _ = outbox.push(ws_frame(frame.opcode as u8, &frame.payload));
         std::future::ready(Ok::<(), std::convert::Infallible>(()))
     };
+    let mut writer_done = false;
     let reason: Disconnect = loop {
         let frame = tokio::select! {
             biased;
-            _ = &mut writer => break Disconnect::CLIENT_GONE,
+            _ = &mut writer => {
+                writer_done = true;
+                break outbox.close_reason().unwrap_or(Disconnect::CLIENT_GONE);
+            }
             _ = tokio::time::sleep_until(expires) => break Disconnect::TOKEN_EXPIRED,
             _ = tokio::time::sleep_until(idle_deadline) => break Disconnect::IDLE_TIMEOUT,
             frame = reader.read_frame(&mut obligated) => frame,
@@ -249,17 +253,20 @@ async fn run_session(
             }
             Verdict::Disconnect => break Disconnect::RATE_LIMIT,
         }
-        if outbox.is_closing() {
+        if let Some(reason) = outbox.close_reason() {
             // A slow-consumer overflow or a drain: the writer ends the socket.
-            break Disconnect::CLIENT_GONE;
+            break reason;
         }
     };
 
     // Flush pending replies (e.g. the error frame) before a policy close; a
     // gone client has nobody to flush to.
     outbox.close(reason, reason != Disconnect::CLIENT_GONE);
-    let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
-    writer.abort();
+    if !writer_done {
+        // The writer gives the close frame at most CLOSE_WRITE_GRACE.
+        let _ = tokio::time::timeout(CLOSE_WRITE_GRACE * 2, &mut writer).await;
+        writer.abort();
+    }
     node.hub().leave_all(&session).await;
     node.unregister(&session.id);
     metrics::gauge!("roomcast_connections", "transport" => "ws").decrement(1.0);
@@ -275,6 +282,10 @@ fn token_deadline(expires_at: u64) -> Instant {
     let left = Duration::from_secs(expires_at.saturating_sub(now_s));
     Instant::now() + left.min(Duration::from_secs(10 * 365 * 24 * 3600))
 }
+
+/// How long a closing session may take to take its last frames and the close
+/// frame. Its queue is already freed, so only kernel buffers wait meanwhile.
+const CLOSE_WRITE_GRACE: Duration = Duration::from_secs(5);
 
 /// Drains the outbox into the socket, several frames per syscall, and sends
 /// a ping every `ping_interval`. Ends after writing a close frame or when the
@@ -308,8 +319,13 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 if disconnect != Disconnect::CLIENT_GONE {
                     batch.push(close_frame(disconnect.code, disconnect.reason));
                 }
-                let _ = write_all_vectored(&mut write, batch).await;
-                let _ = write.shutdown().await;
+                // A slow consumer's socket buffer may be full: give the close
+                // frame a bounded chance, then drop the socket regardless.
+                let _ = tokio::time::timeout(CLOSE_WRITE_GRACE, async {
+                    write_all_vectored(&mut write, batch).await?;
+                    write.shutdown().await
+                })
+                .await;
                 return;
             }
         }

@@ -1,0 +1,91 @@
+//! `roomcast serve`: wires the broker the config names into a node and runs
+//! it until SIGTERM or Ctrl-C, then drains and exits 0.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use rand::Rng as _;
+use roomcast_auth::{mint_hs256, Expiry, MintClaims};
+use roomcast_edge::{Config, Node};
+
+use crate::cli::ServeArgs;
+
+pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(&args.log_format)?;
+    let mut config = crate::config::load(&args)?;
+    let dev_secret = if args.dev && config.auth.jwt_secret.is_none() {
+        let secret: String = rand::rng()
+            .sample_iter(rand::distr::Alphanumeric)
+            .take(32)
+            .map(char::from)
+            .collect();
+        config.auth.jwt_secret = Some(secret.clone());
+        Some(secret)
+    } else {
+        None
+    };
+    if args.dev && args.listen.is_none() && args.config.is_none() {
+        config.listen = "127.0.0.1:8080".parse().expect("static address");
+    }
+    config.validate()?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let node = build_node(config.clone()).await?;
+    tracing::info!(%addr, node = %node.id(), broker = node.broker().kind(), "roomcast node listening");
+    if args.dev {
+        print_dev_banner(&config, dev_secret.as_deref(), addr);
+    }
+    node.run(listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn build_node(config: Config) -> anyhow::Result<Arc<Node>> {
+    if config.broker.redis.is_some() || !config.broker.redis_cluster.is_empty() {
+        anyhow::bail!("the Redis broker is not wired into this build yet; run without --redis/--redis-cluster");
+    }
+    Ok(Node::with_memory_broker(config).await?)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
+    }
+}
+
+fn init_logging(format: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "json" => builder.json().init(),
+        "text" => builder.init(),
+        other => anyhow::bail!("--log-format must be text or json, not {other:?}"),
+    }
+    Ok(())
+}
+
+fn print_dev_banner(config: &Config, generated_secret: Option<&str>, addr: std::net::SocketAddr) {
+    let secret = config.auth.jwt_secret.as_deref().unwrap_or_default();
+    let mut claims = MintClaims::new("dev", "dev");
+    claims.teams = vec!["42".into()];
+    claims.roles = vec!["publisher".into()];
+    claims.expiry = Expiry::In(std::time::Duration::from_secs(24 * 3600));
+    let token = mint_hs256(secret.as_bytes(), &claims);
+    println!("roomcast dev node on http://{addr} (memory broker)");
+    if let Some(s) = generated_secret {
+        println!("generated HS256 secret: {s}");
+    }
+    println!("token (user dev, tenant dev, team 42, publisher; 24h):\n{token}\n");
+    println!("connect:  websocat 'ws://{addr}/v1/ws?token={token}'   then send {{\"op\":\"subscribe\",\"rooms\":[\"team:42\"]}}");
+    println!(
+        "publish:  curl -s -X POST http://{addr}/v1/publish -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{\"rooms\":[\"team:42\"],\"type\":\"task.updated\",\"data\":{{\"id\":1}}}}'"
+    );
+}
