@@ -22,6 +22,9 @@ use crate::session::{Renderer, Session};
 
 const REGISTRY_SHARDS: usize = 16;
 
+/// One shard of the session registry.
+type RegistryShard = Mutex<HashMap<SessionId, Arc<Session>>>;
+
 /// A node that could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -43,7 +46,7 @@ pub struct Node {
     broker: Arc<dyn Broker>,
     verifier: Verifier,
     authorizer: Authorizer,
-    sessions: Box<[Mutex<HashMap<SessionId, Arc<Session>>>]>,
+    sessions: Box<[RegistryShard]>,
     connections: AtomicUsize,
     /// False once shutdown began, so `/readyz` fails before sockets close.
     accepting: AtomicBool,
@@ -164,7 +167,7 @@ impl Node {
             .map(|_| ConnectionSlot { node: self.clone() })
     }
 
-    fn registry(&self, id: &SessionId) -> &Mutex<HashMap<SessionId, Arc<Session>>> {
+    fn registry(&self, id: &SessionId) -> &RegistryShard {
         use std::hash::{Hash, Hasher};
         let mut h = std::hash::DefaultHasher::new();
         id.hash(&mut h);

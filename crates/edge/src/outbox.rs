@@ -95,9 +95,6 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    pub(crate) fn is_closing(&self) -> bool {
-        self.lock().close.is_some()
-    }
 
     /// Why the session is closing, once it is.
     pub(crate) fn close_reason(&self) -> Option<Disconnect> {

@@ -27,7 +27,7 @@ enum Publisher {
     Tenant(TenantId),
 }
 
-fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Publisher, Response<Body>> {
+fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Publisher, Box<Response<Body>>> {
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -36,11 +36,11 @@ fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Publisher, Respo
         .map(str::trim);
     let Some(bearer) = bearer else {
         metrics::counter!("roomcast_auth_failures_total", "reason" => "missing_token").increment(1);
-        return Err(json_error(
+        return Err(Box::new(json_error(
             StatusCode::UNAUTHORIZED,
             ErrorCode::AuthenticationFailed,
             "publishing needs Authorization: Bearer <publisher token or API key>",
-        ));
+        )));
     };
     if node
         .config()
@@ -53,18 +53,18 @@ fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Publisher, Respo
     }
     match node.verifier().verify(bearer) {
         Ok(identity) if identity.has_role(PUBLISHER_ROLE) => Ok(Publisher::Tenant(identity.tenant)),
-        Ok(_) => Err(json_error(
+        Ok(_) => Err(Box::new(json_error(
             StatusCode::FORBIDDEN,
             ErrorCode::AuthorizationFailed,
             "the token lacks the `publisher` role",
-        )),
+        ))),
         Err(e) => {
             metrics::counter!("roomcast_auth_failures_total", "reason" => e.reason()).increment(1);
-            Err(json_error(
+            Err(Box::new(json_error(
                 StatusCode::UNAUTHORIZED,
                 ErrorCode::AuthenticationFailed,
                 &e.to_string(),
-            ))
+            )))
         }
     }
 }
@@ -72,7 +72,7 @@ fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Publisher, Respo
 pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     let publisher = match authenticate(&node, &req) {
         Ok(p) => p,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let limit = node.config().publish.max_body_bytes;
     let body = match Limited::new(req.into_body(), limit).collect().await {

@@ -22,7 +22,7 @@ pub(crate) struct Cli {
 #[derive(Subcommand, Debug)]
 pub(crate) enum Command {
     /// Run an edge node.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Publish one event (through a node's HTTP API, or straight into Redis).
     Publish(PublishArgs),
     /// Mint an HS256 client token with the configured secret.

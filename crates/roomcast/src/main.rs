@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
-            cli::Command::Serve(args) => serve::run(args).await,
+            cli::Command::Serve(args) => serve::run(*args).await,
             cli::Command::Publish(args) => publish::run(args).await,
             cli::Command::Token(args) => cli::token(args),
         }

@@ -8,6 +8,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
+use roomcast_broker_redis::{publish_direct, RedisConfig, RedisMode};
+use roomcast_protocol::{Event, EventDefaults};
+
 use crate::cli::PublishArgs;
 
 pub(crate) async fn run(args: PublishArgs) -> anyhow::Result<()> {
@@ -29,8 +32,32 @@ pub(crate) async fn run(args: PublishArgs) -> anyhow::Result<()> {
     if !args.exclude_users.is_empty() {
         obj.insert("exclude_users".into(), json!(args.exclude_users));
     }
-    if args.redis.is_some() || !args.redis_cluster.is_empty() {
-        bail!("publishing straight into Redis is not wired into this build yet; post to a node with --url");
+    let mode = match (&args.redis, args.redis_cluster.is_empty()) {
+        (Some(url), _) => Some(RedisMode::Standalone { url: url.clone() }),
+        (None, false) => Some(RedisMode::Cluster {
+            urls: args.redis_cluster.clone(),
+        }),
+        (None, true) => None,
+    };
+    if let Some(mode) = mode {
+        let mut config = RedisConfig::new(mode);
+        config.prefix = args.redis_prefix.clone();
+        config.validate()?;
+        let defaults = EventDefaults {
+            tenant: None,
+            now_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as u64,
+        };
+        let event = Event::decode(event.to_string().as_bytes(), &defaults).context("invalid event")?;
+        let published = publish_direct(&config, event).await?;
+        let ids: serde_json::Map<String, Value> = published
+            .ids
+            .iter()
+            .map(|(room, id)| (room.to_string(), Value::String(id.to_string())))
+            .collect();
+        println!("{}", json!({ "ids": ids }));
+        return Ok(());
     }
     let token = args
         .token

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use rand::Rng as _;
 use roomcast_auth::{mint_hs256, Expiry, MintClaims};
+use roomcast_broker_redis::{RedisBroker, RedisConfig, RedisMode};
 use roomcast_edge::{Config, Node};
 
 use crate::cli::ServeArgs;
@@ -42,11 +43,32 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The Redis broker settings a node config asks for, if any.
+pub(crate) fn redis_config(config: &Config) -> Option<RedisConfig> {
+    let b = &config.broker;
+    let mode = match (&b.redis, b.redis_cluster.is_empty()) {
+        (Some(url), _) => RedisMode::Standalone { url: url.clone() },
+        (None, false) => RedisMode::Cluster {
+            urls: b.redis_cluster.clone(),
+        },
+        (None, true) => return None,
+    };
+    let mut redis = RedisConfig::new(mode);
+    redis.prefix = b.prefix.clone();
+    redis.history = roomcast_edge::history_policy(config);
+    Some(redis)
+}
+
 async fn build_node(config: Config) -> anyhow::Result<Arc<Node>> {
-    if config.broker.redis.is_some() || !config.broker.redis_cluster.is_empty() {
-        anyhow::bail!("the Redis broker is not wired into this build yet; run without --redis/--redis-cluster");
-    }
-    Ok(Node::with_memory_broker(config).await?)
+    let Some(redis) = redis_config(&config) else {
+        return Ok(Node::with_memory_broker(config).await?);
+    };
+    redis.validate()?;
+    Ok(Node::build(config, move |sink| async move {
+        let broker = RedisBroker::connect(redis, sink).await?;
+        Ok(broker as Arc<dyn roomcast_broker::Broker>)
+    })
+    .await?)
 }
 
 async fn shutdown_signal() {
@@ -79,7 +101,8 @@ fn print_dev_banner(config: &Config, generated_secret: Option<&str>, addr: std::
     claims.roles = vec!["publisher".into()];
     claims.expiry = Expiry::In(std::time::Duration::from_secs(24 * 3600));
     let token = mint_hs256(secret.as_bytes(), &claims);
-    println!("roomcast dev node on http://{addr} (memory broker)");
+    let broker = if redis_config(config).is_some() { "Redis" } else { "memory" };
+    println!("roomcast dev node on http://{addr} ({broker} broker)");
     if let Some(s) = generated_secret {
         println!("generated HS256 secret: {s}");
     }

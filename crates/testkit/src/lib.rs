@@ -1,1 +1,12 @@
-//! (in progress)
+//! Test fixtures shared by roomcast's crates: real `redis-server` processes
+//! (a standalone server and a 3-master Redis Cluster) started on free
+//! loopback ports, killed on drop, with unique key prefixes per test.
+//!
+//! Test-only: nothing outside `[dev-dependencies]` may depend on this crate.
+//! Each fixture family lives in its own module; this file only declares them.
+
+mod cluster;
+mod redis;
+
+pub use cluster::RedisCluster;
+pub use redis::{query, redis_cli, unique_prefix, RedisServer};

@@ -31,8 +31,10 @@ pub struct TestNode {
 }
 
 pub fn config() -> Config {
-    let mut c = Config::default();
-    c.listen = "127.0.0.1:0".parse().unwrap();
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
     c.auth.jwt_secret = Some(SECRET.into());
     c.publish.api_keys = vec![API_KEY.into()];
     c.unsubscribe_delay = Duration::ZERO;

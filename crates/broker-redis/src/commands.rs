@@ -1,0 +1,78 @@
+//! The command path (publish script, history reads, topology): a few
+//! auto-reconnecting multiplexed connections in standalone mode, the
+//! redis crate's cluster client (one connection per master, follows
+//! MOVED/ASK) in Cluster mode.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, FromRedisValue, Pipeline, RedisResult};
+
+use crate::config::{RedisConfig, RedisMode};
+
+/// Command connections of one node. Cheap to clone.
+#[derive(Clone)]
+pub(crate) enum Commands {
+    Standalone {
+        conns: Arc<[ConnectionManager]>,
+        next: Arc<AtomicUsize>,
+    },
+    Cluster(ClusterConnection),
+}
+
+impl Commands {
+    pub(crate) async fn connect(config: &RedisConfig) -> RedisResult<Commands> {
+        let t = Some(config.command_timeout);
+        match &config.mode {
+            RedisMode::Standalone { url } => {
+                let client = redis::Client::open(url.as_str())?;
+                let cfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(t)
+                    .set_response_timeout(t)
+                    .set_max_delay(config.backoff_max)
+                    .set_number_of_retries(2);
+                let mut conns = Vec::with_capacity(config.pool_size);
+                for _ in 0..config.pool_size {
+                    conns.push(
+                        ConnectionManager::new_with_config(client.clone(), cfg.clone()).await?,
+                    );
+                }
+                Ok(Commands::Standalone {
+                    conns: conns.into(),
+                    next: Arc::new(AtomicUsize::new(0)),
+                })
+            }
+            RedisMode::Cluster { urls } => {
+                let client = ClusterClientBuilder::new(urls.iter().map(String::as_str))
+                    .connection_timeout(config.command_timeout)
+                    .response_timeout(config.command_timeout)
+                    .build()?;
+                Ok(Commands::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+
+    pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
+        match self {
+            Commands::Standalone { conns, next } => {
+                let i = next.fetch_add(1, Ordering::Relaxed) % conns.len();
+                cmd.query_async(&mut conns[i].clone()).await
+            }
+            Commands::Cluster(conn) => cmd.query_async(&mut conn.clone()).await,
+        }
+    }
+
+    /// Runs a pipeline whose keys all live in one slot.
+    pub(crate) async fn pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> RedisResult<T> {
+        match self {
+            Commands::Standalone { conns, next } => {
+                let i = next.fetch_add(1, Ordering::Relaxed) % conns.len();
+                pipe.query_async(&mut conns[i].clone()).await
+            }
+            Commands::Cluster(conn) => pipe.query_async(&mut conn.clone()).await,
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! How a node reaches Redis.
+
+use std::time::Duration;
+
+use roomcast_broker::HistoryPolicy;
+
+/// Standalone Redis or a Redis Cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisMode {
+    /// One server (`redis://[user:pass@]host:port[/db]`). Channels use
+    /// PUBLISH/SUBSCRIBE.
+    Standalone { url: String },
+    /// A Cluster, reached through any of these seed nodes. Channels use
+    /// sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis 7+), so a room's traffic
+    /// stays on the shard that owns its slot.
+    Cluster { urls: Vec<String> },
+}
+
+/// Configuration of the Redis broker.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub mode: RedisMode,
+    /// Prepended to every key and channel, so several deployments (or tests)
+    /// can share one Redis. Must not contain `{`, `}` or whitespace.
+    pub prefix: String,
+    /// History caps per room kind.
+    pub history: HistoryPolicy,
+    /// Exact history trimming (`MAXLEN = n`) instead of approximate
+    /// (`MAXLEN ~ n`, Redis trims whole stream nodes, so a room may keep up to
+    /// ~100 entries more than `max_len`). Exact costs a little CPU per publish.
+    pub exact_trim: bool,
+    /// Command connections in standalone mode (each is multiplexed, so a few
+    /// are plenty). In Cluster mode the cluster client keeps one connection
+    /// per master instead and this is unused.
+    pub pool_size: usize,
+    /// Longest a `subscribe` waits for Redis to confirm before returning
+    /// anyway (the room stays wanted and is subscribed when Redis answers).
+    pub subscribe_timeout: Duration,
+    /// Timeout for connecting and for each command.
+    pub command_timeout: Duration,
+    /// How often Cluster mode re-reads the slot map even when nothing hinted
+    /// at a change (a moved slot normally announces itself).
+    pub topology_refresh: Duration,
+    /// How often each subscriber connection is PINGed; one that stays
+    /// silent for three of these is dropped and reconnected.
+    pub keepalive: Duration,
+    /// First and largest delay between reconnect attempts.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl RedisConfig {
+    /// The defaults for a mode: prefix `rc:`, default history caps,
+    /// approximate trimming, 4 command connections.
+    pub fn new(mode: RedisMode) -> Self {
+        Self {
+            mode,
+            prefix: "rc:".to_owned(),
+            history: HistoryPolicy::default(),
+            exact_trim: false,
+            pool_size: 4,
+            subscribe_timeout: Duration::from_secs(5),
+            command_timeout: Duration::from_secs(5),
+            topology_refresh: Duration::from_secs(10),
+            keepalive: Duration::from_secs(5),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+
+    /// Standalone defaults for one URL.
+    pub fn standalone(url: impl Into<String>) -> Self {
+        Self::new(RedisMode::Standalone { url: url.into() })
+    }
+
+    /// Cluster defaults for a list of seed URLs.
+    pub fn cluster(urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        Self::new(RedisMode::Cluster {
+            urls: urls.into_iter().map(Into::into).collect(),
+        })
+    }
+
+    /// Checks what can be checked without a connection.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self
+            .prefix
+            .chars()
+            .any(|c| c == '{' || c == '}' || c.is_whitespace())
+        {
+            return Err(ConfigError::Prefix(self.prefix.clone()));
+        }
+        match &self.mode {
+            RedisMode::Standalone { url } if url.is_empty() => Err(ConfigError::NoUrl),
+            RedisMode::Cluster { urls } if urls.is_empty() => Err(ConfigError::NoUrl),
+            _ => Ok(()),
+        }?;
+        if self.pool_size == 0 {
+            return Err(ConfigError::PoolSize);
+        }
+        Ok(())
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("redis prefix `{0}` must not contain braces or whitespace")]
+    Prefix(String),
+    #[error("no redis url configured")]
+    NoUrl,
+    #[error("redis pool_size must be at least 1")]
+    PoolSize,
+    #[error("redis url `{url}`: {source}")]
+    Url {
+        url: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("redis url `{0}`: only redis:// over TCP is supported by the subscriber")]
+    Scheme(String),
+}

@@ -1,0 +1,149 @@
+//! One subscriber connection to one Redis node, driven by hand in RESP2:
+//! connect (+ AUTH), then a reader task that hands messages straight to the
+//! sink and everything else (confirmations, errors, close) to the
+//! subscriber's actor.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncWriteExt as _, BufReader};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::config::ConfigError;
+use crate::resp::{self, Frame};
+use crate::subscriber::{LinkEvent, Msg, Shared};
+
+/// Where a node is and how to log in to it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Endpoint {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) username: Option<String>,
+    pub(crate) password: Option<String>,
+}
+
+impl Endpoint {
+    pub(crate) fn from_url(url: &str) -> Result<Endpoint, ConfigError> {
+        let info = redis::Client::open(url)
+            .map_err(|source| ConfigError::Url {
+                url: url.to_owned(),
+                source,
+            })?
+            .get_connection_info()
+            .clone();
+        let redis::ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
+            return Err(ConfigError::Scheme(url.to_owned()));
+        };
+        Ok(Endpoint {
+            host,
+            port,
+            username: info.redis_settings().username().map(str::to_owned),
+            password: info.redis_settings().password().map(str::to_owned),
+        })
+    }
+
+    /// Another node of the same deployment (same credentials).
+    pub(crate) fn with_addr(&self, host: &str, port: u16) -> Endpoint {
+        Endpoint {
+            host: host.to_owned(),
+            port,
+            ..self.clone()
+        }
+    }
+
+    /// `host:port`, the node's identity in the slot map.
+    pub(crate) fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// A connected, logged-in link, not yet reading.
+pub(crate) struct Connected {
+    pub(crate) reader: BufReader<OwnedReadHalf>,
+    pub(crate) writer: OwnedWriteHalf,
+}
+
+/// Connects and authenticates within `timeout`.
+pub(crate) async fn connect(ep: &Endpoint, timeout: Duration) -> io::Result<Connected> {
+    let fut = async {
+        let stream = TcpStream::connect((ep.host.as_str(), ep.port)).await?;
+        stream.set_nodelay(true)?;
+        let (r, mut writer) = stream.into_split();
+        let mut reader = BufReader::new(r);
+        if let Some(pass) = &ep.password {
+            let cmd = match &ep.username {
+                Some(user) => resp::encode(&["AUTH", user, pass]),
+                None => resp::encode(&["AUTH", pass]),
+            };
+            writer.write_all(&cmd).await?;
+            match resp::read_frame(&mut reader).await? {
+                Frame::Simple(_) => {}
+                other => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        format!("AUTH refused: {other:?}"),
+                    ))
+                }
+            }
+        }
+        Ok(Connected { reader, writer })
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+}
+
+/// Reads one link until it fails or goes quiet for `idle` (the actor sends
+/// a PING more often than that), then reports it closed.
+pub(crate) async fn read_loop(
+    conn_id: u64,
+    mut reader: BufReader<OwnedReadHalf>,
+    shared: Arc<Shared>,
+    events: mpsc::UnboundedSender<Msg>,
+    idle: Duration,
+) {
+    let reason = loop {
+        let frame = match tokio::time::timeout(idle, resp::read_frame(&mut reader)).await {
+            Ok(Ok(frame)) => frame,
+            Ok(Err(e)) => break e.to_string(),
+            Err(_) => break format!("no reply for {idle:?}"),
+        };
+        match frame {
+            Frame::Array(Some(items)) => {
+                let kind = items.first().and_then(Frame::as_bytes).unwrap_or(b"");
+                let channel = items.get(1).and_then(Frame::as_bytes);
+                match (kind, channel) {
+                    (b"message" | b"smessage", Some(ch)) => {
+                        let payload = match items.get(2) {
+                            Some(Frame::Bulk(Some(b))) => b.clone(),
+                            _ => Bytes::new(),
+                        };
+                        shared.receive(ch, &payload);
+                    }
+                    (b"subscribe" | b"ssubscribe", Some(ch)) => {
+                        let _ = events.send(Msg::Link(LinkEvent::Subscribed {
+                            conn_id,
+                            channel: ch.into(),
+                        }));
+                    }
+                    (b"unsubscribe" | b"sunsubscribe", Some(ch)) => {
+                        let _ = events.send(Msg::Link(LinkEvent::Unsubscribed {
+                            conn_id,
+                            channel: ch.into(),
+                        }));
+                    }
+                    _ => {} // pong, or a confirmation of nothing
+                }
+            }
+            Frame::Error(message) => {
+                let _ = events.send(Msg::Link(LinkEvent::ServerError { conn_id, message }));
+            }
+            _ => {}
+        }
+    };
+    let _ = events.send(Msg::Link(LinkEvent::Closed { conn_id, reason }));
+}

@@ -1,0 +1,241 @@
+//! The Redis broker against a real standalone redis-server.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{event, eventually, key, n_of, sink};
+use roomcast_broker::{Broker, BrokerError, HistoryCap};
+use roomcast_broker_redis::{RedisBroker, RedisConfig};
+use roomcast_protocol::EventId;
+use roomcast_testkit::{query, unique_prefix, RedisServer};
+
+fn config(server: &RedisServer) -> RedisConfig {
+    let mut c = RedisConfig::standalone(server.url());
+    c.prefix = unique_prefix();
+    c.backoff_base = Duration::from_millis(20);
+    c.backoff_max = Duration::from_millis(200);
+    c
+}
+
+async fn numsub(url: &str, channel: &str) -> i64 {
+    let reply: (String, i64) = query(url, redis::cmd("PUBSUB").arg("NUMSUB").arg(channel)).await;
+    reply.1
+}
+
+#[tokio::test]
+async fn publishes_reach_only_the_subscribed_node_once() {
+    let server = RedisServer::start().await;
+    let cfg = config(&server);
+    let (sink_a, mut got_a) = sink();
+    let (sink_b, mut got_b) = sink();
+    let a = RedisBroker::connect(cfg.clone(), sink_a).await.unwrap();
+    let b = RedisBroker::connect(cfg.clone(), sink_b).await.unwrap();
+    assert!(a.healthy() && b.healthy());
+    assert_eq!(a.kind(), "redis");
+
+    let room = key("acme", "team:1");
+    let sentinel = key("acme", "team:2");
+    a.subscribe(&room).await.unwrap();
+    a.subscribe(&room).await.unwrap(); // idempotent
+    b.subscribe(&sentinel).await.unwrap();
+    assert_eq!(numsub(server.url(), &a.channel_name(&room)).await, 1);
+
+    let published = b.publish(event(&["team:1"], 1)).await.unwrap();
+    assert_eq!(published.ids.len(), 1);
+    let id = published.ids[0].1;
+    let (r, ev) = got_a.next().await;
+    assert_eq!((r, ev.id, n_of(&ev)), (room.clone(), id, 1));
+    assert_eq!(ev.tenant.as_str(), "acme");
+
+    // B hears its sentinel room and nothing before it: channel messages on
+    // one connection arrive in publish order.
+    b.publish(event(&["team:2"], 2)).await.unwrap();
+    let (r, ev) = got_b.next().await;
+    assert_eq!((r, n_of(&ev)), (sentinel, 2));
+
+    // Exactly once: the next delivery on A is the next event, not a copy.
+    let second = a.publish(event(&["team:1"], 3)).await.unwrap().ids[0].1;
+    let (_, ev) = got_a.next().await;
+    assert_eq!((ev.id, n_of(&ev)), (second, 3));
+    assert!(second > id);
+    got_a.assert_empty();
+
+    a.unsubscribe(&room).await.unwrap();
+    a.unsubscribe(&room).await.unwrap(); // harmless
+    let url = server.url().to_owned();
+    let channel = a.channel_name(&room);
+    eventually("NUMSUB 0 after unsubscribe", || {
+        let (url, channel) = (url.clone(), channel.clone());
+        async move { numsub(&url, &channel).await == 0 }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn history_is_ordered_capped_and_reports_gaps() {
+    let server = RedisServer::start().await;
+    let mut cfg = config(&server);
+    cfg.exact_trim = true;
+    let cap = |max_len| HistoryCap {
+        max_len,
+        max_age: Duration::from_secs(3600),
+    };
+    cfg.history.per_kind.insert("task".into(), cap(3));
+    cfg.history.per_kind.insert("user".into(), cap(0));
+    let (s, _got) = sink();
+    let broker = RedisBroker::connect(cfg, s).await.unwrap();
+    let room = key("acme", "task:1");
+
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(broker.publish(event(&["task:1"], n)).await.unwrap().ids[0].1);
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+
+    let h = broker.history_since(&room, ids[1], 100).await.unwrap();
+    assert!(h.recovered && !h.more);
+    assert_eq!(h.events.iter().map(|e| e.id).collect::<Vec<_>>(), ids[2..]);
+    assert_eq!(
+        h.events.iter().map(|e| n_of(e)).collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+
+    let h = broker.history_since(&room, ids[0], 100).await.unwrap();
+    assert!(!h.recovered, "ids[1] was trimmed away");
+
+    let h = broker.history_since(&room, ids[2], 1).await.unwrap();
+    assert_eq!((h.events.len(), h.more, h.recovered), (1, true, true));
+    assert_eq!(h.events[0].id, ids[3]);
+
+    let h = broker
+        .history_since(&room, EventId::ZERO, 100)
+        .await
+        .unwrap();
+    assert_eq!(h.events.len(), 3);
+    assert!(!h.recovered, "reading from zero after a trim is a gap");
+
+    let none = broker
+        .history_since(&key("acme", "task:nope"), EventId::ZERO, 10)
+        .await
+        .unwrap();
+    assert!(none.recovered && none.events.is_empty() && !none.more);
+
+    // max_len 0: still published with an id, no history kept.
+    let user = key("acme", "user:u1");
+    let a = broker.publish(event(&["user:u1"], 1)).await.unwrap().ids[0].1;
+    let b = broker.publish(event(&["user:u1"], 2)).await.unwrap().ids[0].1;
+    assert!(b > a);
+    let h = broker.history_since(&user, b, 10).await.unwrap();
+    assert!(h.recovered && h.events.is_empty());
+    let h = broker.history_since(&user, a, 10).await.unwrap();
+    assert!(!h.recovered && h.events.is_empty());
+}
+
+#[tokio::test]
+async fn supplied_ids_must_increase() {
+    let server = RedisServer::start().await;
+    let (s, mut got) = sink();
+    let broker = RedisBroker::connect(config(&server), s).await.unwrap();
+    let room = key("acme", "team:9");
+    broker.subscribe(&room).await.unwrap();
+    let mut e = event(&["team:9"], 1);
+    e.id = EventId::new(10, 5);
+    let ids = broker.publish(e.clone()).await.unwrap().ids;
+    assert_eq!(ids[0].1, EventId::new(10, 5));
+    assert_eq!(got.next().await.1.id, EventId::new(10, 5));
+    assert!(matches!(
+        broker.publish(e).await,
+        Err(BrokerError::Conflict(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_multi_room_event_gets_one_id_per_room() {
+    let server = RedisServer::start().await;
+    let (s, mut got) = sink();
+    let broker = RedisBroker::connect(config(&server), s).await.unwrap();
+    let (team, task) = (key("acme", "team:1"), key("acme", "task:7"));
+    // Give the rooms different histories so their ids differ.
+    let mut early = event(&["task:7"], 0);
+    early.id = EventId::new(1, 0);
+    broker.publish(early).await.unwrap();
+    broker.subscribe(&team).await.unwrap();
+    broker.subscribe(&task).await.unwrap();
+
+    let published = broker
+        .publish(event(&["team:1", "task:7"], 9))
+        .await
+        .unwrap();
+    let ids: Vec<(String, EventId)> = published
+        .ids
+        .iter()
+        .map(|(r, id)| (r.to_string(), *id))
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert_eq!((ids[0].0.as_str(), ids[1].0.as_str()), ("team:1", "task:7"));
+
+    for (room, id) in [(&team, ids[0].1), (&task, ids[1].1)] {
+        let h = broker.history_since(room, EventId::ZERO, 10).await.unwrap();
+        let last = h.events.last().unwrap();
+        assert_eq!((last.id, n_of(last)), (id, 9));
+    }
+    let mut seen = [got.next().await, got.next().await];
+    seen.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut expect = vec![(team, ids[0].1), (task, ids[1].1)];
+    expect.sort();
+    assert_eq!(
+        seen.iter()
+            .map(|(r, e)| (r.clone(), e.id))
+            .collect::<Vec<_>>(),
+        expect
+    );
+}
+
+#[tokio::test]
+async fn survives_a_redis_restart() {
+    let mut server = RedisServer::start().await;
+    if server.is_external() {
+        eprintln!("REDIS_URL is set: skipping the restart test");
+        return;
+    }
+    let cfg = config(&server);
+    let (sink_a, mut got_a) = sink();
+    let (sink_b, _got_b) = sink();
+    let a = RedisBroker::connect(cfg.clone(), sink_a).await.unwrap();
+    let b = RedisBroker::connect(cfg.clone(), sink_b).await.unwrap();
+    let room = key("acme", "team:1");
+    a.subscribe(&room).await.unwrap();
+    b.publish(event(&["team:1"], 1)).await.unwrap();
+    assert_eq!(n_of(&got_a.next().await.1), 1);
+
+    server.kill();
+    eventually("unhealthy after the kill", || {
+        let h = a.healthy();
+        async move { !h }
+    })
+    .await;
+    // Subscribing while Redis is down is recorded and answered at once.
+    let later = key("acme", "team:2");
+    a.subscribe(&later).await.unwrap();
+
+    let seen = *got_a.resyncs.borrow();
+    server.start_again().await;
+    got_a.resynced_after(seen).await;
+    assert!(a.healthy());
+
+    // The publisher's first attempt may meet a connection that died with
+    // the old server: a publisher retries on Unavailable.
+    for (n, room_name) in [(2, "team:1"), (3, "team:2")] {
+        let deadline = tokio::time::Instant::now() + common::PATIENCE;
+        loop {
+            match b.publish(event(&[room_name], n)).await {
+                Ok(_) => break,
+                Err(BrokerError::Unavailable { .. }) if tokio::time::Instant::now() < deadline => {}
+                Err(e) => panic!("publish after restart: {e}"),
+            }
+        }
+        let (r, ev) = got_a.next().await;
+        assert_eq!((r.room.as_str(), n_of(&ev)), (room_name, n));
+    }
+}

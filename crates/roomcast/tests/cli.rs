@@ -1,0 +1,214 @@
+//! The `roomcast` binary as an operator uses it: serve, token, publish,
+//! --dev, and SIGTERM draining (1001 to every socket, exit status 0).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "cli-test-secret-0123456789";
+const API_KEY: &str = "cli-test-api-key-0123456789";
+const PATIENCE: Duration = Duration::from_secs(10);
+
+fn roomcast() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_roomcast"));
+    c.kill_on_drop(true).env_remove("RUST_LOG");
+    c
+}
+
+/// Starts `roomcast serve` on an ephemeral port and returns it with its address.
+async fn serve(extra: &[&str]) -> (Child, String) {
+    let mut child = roomcast()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+            "--jwt-secret",
+            SECRET,
+            "--api-key",
+            API_KEY,
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["fields"]["message"] == "roomcast node listening" {
+                return v["fields"]["addr"].as_str().unwrap().to_owned();
+            }
+        }
+        panic!("server exited before listening");
+    })
+    .await
+    .expect("node starts");
+    // Keep draining stderr so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
+async fn run(args: &[&str]) -> (bool, String) {
+    let out = roomcast().args(args).output().await.unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(addr: &str, token: &str) -> Ws {
+    let mut req = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+    tokio_tungstenite::connect_async(req).await.expect("connects").0
+}
+
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        match tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("in time")
+            .unwrap()
+            .unwrap()
+        {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+async fn close_code(ws: &mut Ws) -> u16 {
+    loop {
+        match tokio::time::timeout(PATIENCE, ws.next()).await.expect("close in time") {
+            Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn token_and_publish_commands_work_against_a_served_node() {
+    let (_node, addr) = serve(&[]).await;
+    let (ok, token) = run(&[
+        "token", "--sub", "u1", "--tenant", "acme", "--team", "42", "--ttl", "10m", "--jwt-secret", SECRET,
+    ])
+    .await;
+    assert!(ok);
+    let mut ws = connect(&addr, &token).await;
+    assert_eq!(next_json(&mut ws).await["op"], "welcome");
+    ws.send(Message::text(r#"{"op":"subscribe","ref":"1","rooms":["team:42"]}"#))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["rooms"], serde_json::json!(["team:42"]));
+
+    let url = format!("http://{addr}");
+    let (ok, out) = run(&[
+        "publish",
+        "--url",
+        &url,
+        "--token",
+        API_KEY,
+        "--tenant",
+        "acme",
+        "--room",
+        "team:42",
+        "--type",
+        "task.updated",
+        "--data",
+        r#"{"id":1}"#,
+        "--actor",
+        "u2",
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let ev = next_json(&mut ws).await;
+    assert_eq!(
+        (ev["type"].as_str(), ev["actor"].as_str()),
+        (Some("task.updated"), Some("u2"))
+    );
+    assert_eq!(ev["data"]["id"], 1);
+    let (ok, _) = run(&[
+        "publish", "--url", &url, "--token", "wrong-key", "--tenant", "acme", "--room", "team:42", "--type", "x",
+    ])
+    .await;
+    assert!(!ok, "a refused publish exits non-zero");
+}
+
+#[tokio::test]
+async fn sigterm_drains_with_1001_and_exits_zero() {
+    let (mut node, addr) = serve(&["--drain-window", "300ms"]).await;
+    let (_, token) = run(&["token", "--sub", "u1", "--tenant", "acme", "--jwt-secret", SECRET]).await;
+    let mut a = connect(&addr, &token).await;
+    let mut b = connect(&addr, &token).await;
+    next_json(&mut a).await;
+    next_json(&mut b).await;
+    let pid = node.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap()
+        .success());
+    assert_eq!(close_code(&mut a).await, 1001);
+    assert_eq!(close_code(&mut b).await, 1001);
+    let status = tokio::time::timeout(PATIENCE, node.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test]
+async fn dev_mode_prints_a_working_token() {
+    let mut child = roomcast()
+        .args(["serve", "--dev", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut addr, mut token) = (None, None);
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("roomcast dev node on http://") {
+                addr = rest.split_whitespace().next().map(str::to_owned);
+            } else if line.starts_with("eyJ") {
+                token = Some(line.trim().to_owned());
+            }
+            if line.starts_with("publish:") {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("banner printed");
+    let mut ws = connect(&addr.unwrap(), &token.unwrap()).await;
+    assert_eq!(next_json(&mut ws).await["user"], "dev");
+}
+
+#[tokio::test]
+async fn a_config_without_a_secret_is_refused_at_start() {
+    let out = roomcast()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env_remove("ROOMCAST_JWT_SECRET")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("jwt_secret"),
+        "says what is missing"
+    );
+}
