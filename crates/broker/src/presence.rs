@@ -68,17 +68,16 @@ pub trait Presence: Send + Sync + 'static {
     async fn expire(&self, now_ms: u64) -> Result<Vec<(RoomKey, UserId)>, BrokerError>;
 }
 
+/// A room's entries with their expiry (unix ms).
+type RoomEntries = HashMap<SessionId, (PresenceEntry, u64)>;
+
 /// Presence kept in this process (the memory broker's, single node).
 #[derive(Default)]
 pub struct MemoryPresence {
-    rooms: Mutex<HashMap<RoomKey, HashMap<SessionId, (PresenceEntry, u64)>>>,
+    rooms: Mutex<HashMap<RoomKey, RoomEntries>>,
 }
 
-fn user_present(
-    sessions: &HashMap<SessionId, (PresenceEntry, u64)>,
-    user: &UserId,
-    now_ms: u64,
-) -> bool {
+fn user_present(sessions: &RoomEntries, user: &UserId, now_ms: u64) -> bool {
     sessions
         .values()
         .any(|(e, exp)| &e.user == user && *exp > now_ms)
