@@ -95,7 +95,6 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-
     /// Why the session is closing, once it is.
     pub(crate) fn close_reason(&self) -> Option<Disconnect> {
         self.lock().close

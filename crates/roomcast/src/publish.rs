@@ -49,7 +49,8 @@ pub(crate) async fn run(args: PublishArgs) -> anyhow::Result<()> {
                 .duration_since(std::time::UNIX_EPOCH)?
                 .as_millis() as u64,
         };
-        let event = Event::decode(event.to_string().as_bytes(), &defaults).context("invalid event")?;
+        let event =
+            Event::decode(event.to_string().as_bytes(), &defaults).context("invalid event")?;
         let published = publish_direct(&config, event).await?;
         let ids: serde_json::Map<String, Value> = published
             .ids

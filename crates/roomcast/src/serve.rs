@@ -101,7 +101,11 @@ fn print_dev_banner(config: &Config, generated_secret: Option<&str>, addr: std::
     claims.roles = vec!["publisher".into()];
     claims.expiry = Expiry::In(std::time::Duration::from_secs(24 * 3600));
     let token = mint_hs256(secret.as_bytes(), &claims);
-    let broker = if redis_config(config).is_some() { "Redis" } else { "memory" };
+    let broker = if redis_config(config).is_some() {
+        "Redis"
+    } else {
+        "memory"
+    };
     println!("roomcast dev node on http://{addr} ({broker} broker)");
     if let Some(s) = generated_secret {
         println!("generated HS256 secret: {s}");

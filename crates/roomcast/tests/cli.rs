@@ -61,16 +61,23 @@ async fn serve(extra: &[&str]) -> (Child, String) {
 
 async fn run(args: &[&str]) -> (bool, String) {
     let out = roomcast().args(args).output().await.unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+    )
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(addr: &str, token: &str) -> Ws {
     let mut req = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
     req.headers_mut()
         .insert("Authorization", format!("Bearer {token}").parse().unwrap());
-    tokio_tungstenite::connect_async(req).await.expect("connects").0
+    tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connects")
+        .0
 }
 
 async fn next_json(ws: &mut Ws) -> Value {
@@ -90,7 +97,10 @@ async fn next_json(ws: &mut Ws) -> Value {
 
 async fn close_code(ws: &mut Ws) -> u16 {
     loop {
-        match tokio::time::timeout(PATIENCE, ws.next()).await.expect("close in time") {
+        match tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("close in time")
+        {
             Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
             Some(Ok(_)) => continue,
             other => panic!("expected a close frame, got {other:?}"),
@@ -102,16 +112,31 @@ async fn close_code(ws: &mut Ws) -> u16 {
 async fn token_and_publish_commands_work_against_a_served_node() {
     let (_node, addr) = serve(&[]).await;
     let (ok, token) = run(&[
-        "token", "--sub", "u1", "--tenant", "acme", "--team", "42", "--ttl", "10m", "--jwt-secret", SECRET,
+        "token",
+        "--sub",
+        "u1",
+        "--tenant",
+        "acme",
+        "--team",
+        "42",
+        "--ttl",
+        "10m",
+        "--jwt-secret",
+        SECRET,
     ])
     .await;
     assert!(ok);
     let mut ws = connect(&addr, &token).await;
     assert_eq!(next_json(&mut ws).await["op"], "welcome");
-    ws.send(Message::text(r#"{"op":"subscribe","ref":"1","rooms":["team:42"]}"#))
-        .await
-        .unwrap();
-    assert_eq!(next_json(&mut ws).await["rooms"], serde_json::json!(["team:42"]));
+    ws.send(Message::text(
+        r#"{"op":"subscribe","ref":"1","rooms":["team:42"]}"#,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_json(&mut ws).await["rooms"],
+        serde_json::json!(["team:42"])
+    );
 
     let url = format!("http://{addr}");
     let (ok, out) = run(&[
@@ -140,7 +165,17 @@ async fn token_and_publish_commands_work_against_a_served_node() {
     );
     assert_eq!(ev["data"]["id"], 1);
     let (ok, _) = run(&[
-        "publish", "--url", &url, "--token", "wrong-key", "--tenant", "acme", "--room", "team:42", "--type", "x",
+        "publish",
+        "--url",
+        &url,
+        "--token",
+        "wrong-key",
+        "--tenant",
+        "acme",
+        "--room",
+        "team:42",
+        "--type",
+        "x",
     ])
     .await;
     assert!(!ok, "a refused publish exits non-zero");
@@ -149,7 +184,16 @@ async fn token_and_publish_commands_work_against_a_served_node() {
 #[tokio::test]
 async fn sigterm_drains_with_1001_and_exits_zero() {
     let (mut node, addr) = serve(&["--drain-window", "300ms"]).await;
-    let (_, token) = run(&["token", "--sub", "u1", "--tenant", "acme", "--jwt-secret", SECRET]).await;
+    let (_, token) = run(&[
+        "token",
+        "--sub",
+        "u1",
+        "--tenant",
+        "acme",
+        "--jwt-secret",
+        SECRET,
+    ])
+    .await;
     let mut a = connect(&addr, &token).await;
     let mut b = connect(&addr, &token).await;
     next_json(&mut a).await;
