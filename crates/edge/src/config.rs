@@ -109,7 +109,8 @@ impl Default for Limits {
 }
 
 /// How clients prove who they are and which rooms they may join.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// `Debug` redacts the secret, so logging a config never leaks it.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthSettings {
     /// `HS256`, `RS256` or `ES256`; tokens signed otherwise are refused.
@@ -155,8 +156,8 @@ impl Default for AuthSettings {
     }
 }
 
-/// The HTTP publish API.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The HTTP publish API. `Debug` redacts the keys.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PublishSettings {
     /// Static API keys for trusted services (`Authorization: Bearer <key>`);
@@ -172,6 +173,46 @@ impl Default for PublishSettings {
             api_keys: Vec::new(),
             max_body_bytes: 1024 * 1024,
         }
+    }
+}
+
+fn redacted<T>(value: &Option<T>) -> &'static str {
+    if value.is_some() {
+        "<redacted>"
+    } else {
+        "<unset>"
+    }
+}
+
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthSettings")
+            .field("algorithm", &self.algorithm)
+            .field("jwt_secret", &redacted(&self.jwt_secret))
+            .field("jwt_public_key_file", &self.jwt_public_key_file)
+            .field("leeway_secs", &self.leeway_secs)
+            .field("cookie_name", &self.cookie_name)
+            .field("claim_user", &self.claim_user)
+            .field("claim_tenant", &self.claim_tenant)
+            .field("claim_teams", &self.claim_teams)
+            .field("claim_roles", &self.claim_roles)
+            .field("claim_rooms", &self.claim_rooms)
+            .field("authz_callback_url", &self.authz_callback_url)
+            .field("authz_timeout", &self.authz_timeout)
+            .field("authz_cache_ttl", &self.authz_cache_ttl)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for PublishSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublishSettings")
+            .field(
+                "api_keys",
+                &format_args!("<{} redacted>", self.api_keys.len()),
+            )
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish()
     }
 }
 
@@ -267,6 +308,19 @@ mod tests {
         assert_eq!(c.drain_window, Duration::from_secs(2));
         assert_eq!(c.limits.ping_interval, Duration::from_millis(500));
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn debug_output_never_shows_secrets() {
+        let mut c = Config::default();
+        c.auth.jwt_secret = Some("hunter2-secret".into());
+        c.publish.api_keys = vec!["key-0123456789abcdef".into()];
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("key-0123"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted>"));
     }
 
     #[test]
