@@ -107,6 +107,10 @@ impl Broker for RedisBroker {
         .await
     }
 
+    async fn publish_ephemeral(&self, event: Event) -> Result<(), BrokerError> {
+        script::publish_ephemeral(&self.commands, &self.names, self.sharded(), event).await
+    }
+
     /// Records the room and waits (up to `subscribe_timeout`) for Redis to
     /// confirm. While Redis is unreachable it returns `Ok` at once: the room
     /// is subscribed on reconnect, followed by `EventSink::resynced`.

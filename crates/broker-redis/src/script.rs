@@ -109,6 +109,30 @@ pub(crate) async fn publish(
     Ok(Published { ids })
 }
 
+/// Publishes `event` on each of its rooms' channels without storing it. The
+/// message's id part is `0-0`, so subscribers deliver it with
+/// [`EventId::ZERO`] and it never moves a room's resume position.
+pub(crate) async fn publish_ephemeral(
+    commands: &Commands,
+    names: &Names,
+    sharded: bool,
+    mut event: Event,
+) -> Result<(), BrokerError> {
+    event.id = EventId::ZERO;
+    let mut message = b"0-0\n".to_vec();
+    message.extend_from_slice(&event.encode_envelope());
+    for room in &event.rooms {
+        let key = RoomKey::new(event.tenant.clone(), room.clone());
+        let mut cmd = redis::cmd(if sharded { "SPUBLISH" } else { "PUBLISH" });
+        cmd.arg(names.channel(&key)).arg(&message);
+        commands
+            .query::<i64>(&cmd)
+            .await
+            .map_err(|e| map_error(e, &key))?;
+    }
+    Ok(())
+}
+
 struct ScriptArgs<'a> {
     stream: String,
     channel: String,

@@ -103,6 +103,12 @@ pub trait Broker: Send + Sync + 'static {
     /// on each room's channel, atomically per room. Returns each room's id.
     async fn publish(&self, event: Event) -> Result<Published, BrokerError>;
 
+    /// Publishes the event on each room's channel without storing it:
+    /// presence changes and client signals (typing…), which a resuming client
+    /// must not replay. Its id stays [`EventId::ZERO`] and it does not move
+    /// any room's last id.
+    async fn publish_ephemeral(&self, event: Event) -> Result<(), BrokerError>;
+
     /// Starts receiving `room`'s events on this node's sink.
     async fn subscribe(&self, room: &RoomKey) -> Result<(), BrokerError>;
 

@@ -140,6 +140,21 @@ impl Broker for MemoryBroker {
         })
     }
 
+    async fn publish_ephemeral(&self, mut event: Event) -> Result<(), BrokerError> {
+        event.id = EventId::ZERO;
+        let event = Arc::new(event);
+        for room in &event.rooms {
+            let key = RoomKey::new(event.tenant.clone(), room.clone());
+            let shard = self.shard(&key).lock().unwrap_or_else(|p| p.into_inner());
+            if shard.subscribed.contains(&key) {
+                if let Some(sink) = self.sink.get() {
+                    sink.deliver(&key, event.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn subscribe(&self, room: &RoomKey) -> Result<(), BrokerError> {
         self.shard(room)
             .lock()
@@ -302,6 +317,27 @@ mod tests {
             .await
             .unwrap();
         assert!(h.recovered && h.events.is_empty());
+    }
+
+    #[tokio::test]
+    async fn ephemeral_events_are_delivered_but_not_kept() {
+        let broker = MemoryBroker::new(HistoryPolicy::default());
+        let sink = Arc::new(Collect(Mutex::new(Vec::new())));
+        broker.attach(sink.clone());
+        broker.subscribe(&key("team:1")).await.unwrap();
+        broker
+            .publish_ephemeral(event(r#"["team:1"]"#))
+            .await
+            .unwrap();
+        assert_eq!(
+            *sink.0.lock().unwrap(),
+            vec![(key("team:1"), EventId::ZERO)]
+        );
+        let h = broker
+            .history_since(&key("team:1"), EventId::ZERO, 10)
+            .await
+            .unwrap();
+        assert!(h.events.is_empty());
     }
 
     #[tokio::test]
