@@ -38,6 +38,8 @@ pub struct Config {
     pub auth: AuthSettings,
     pub publish: PublishSettings,
     pub broker: BrokerSettings,
+    /// Which protocols the node serves, and on which paths.
+    pub dialects: Dialects,
     /// Time over which SIGTERM closes sockets (1001), spread so clients do
     /// not all reconnect at once.
     #[serde(with = "duration")]
@@ -57,6 +59,7 @@ impl Default for Config {
             auth: AuthSettings::default(),
             publish: PublishSettings::default(),
             broker: BrokerSettings::default(),
+            dialects: Dialects::default(),
             drain_window: Duration::from_secs(10),
             unsubscribe_delay: Duration::from_millis(500),
         }
@@ -242,6 +245,31 @@ impl Default for BrokerSettings {
             prefix: "rc:".into(),
             history_max_len: 1000,
             history_max_age: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// The protocols a node serves. Each can be disabled or mounted elsewhere.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Dialects {
+    pub native: NativeSettings,
+}
+
+/// The native protocol (docs/protocol.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NativeSettings {
+    pub enabled: bool,
+    /// WebSocket endpoint.
+    pub ws_path: String,
+}
+
+impl Default for NativeSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            ws_path: "/v1/ws".into(),
         }
     }
 }

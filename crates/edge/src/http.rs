@@ -34,8 +34,10 @@ pub(crate) async fn serve_connection(node: Arc<Node>, stream: TcpStream, peer: S
 async fn route(node: Arc<Node>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     // Only the path is ever logged: query strings may carry tokens.
     tracing::trace!(method = %req.method(), path = req.uri().path(), %peer, "request");
+    if let Some(dialect) = node.dialect_for(req.uri().path()).cloned() {
+        return dialect.handle(&node, req).await;
+    }
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/v1/ws") => crate::ws::upgrade(node, req).await,
         (&Method::POST, "/v1/publish") => crate::publish::handle(node, req).await,
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {

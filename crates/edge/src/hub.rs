@@ -33,6 +33,12 @@ struct Room {
     last_id: EventId,
 }
 
+/// One renderer's output for the event being fanned out.
+struct Rendered {
+    frame: Option<Bytes>,
+    coalesce: Option<(String, Duration)>,
+}
+
 /// The result of a join.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Joined {
@@ -241,7 +247,7 @@ impl Hub {
         let filter_audience = !event.audience.is_empty();
         let filter_exclusions =
             !event.exclude_users.is_empty() || !event.exclude_sessions.is_empty();
-        let mut rendered: [Option<Option<Bytes>>; MAX_RENDER_SLOTS] = Default::default();
+        let mut rendered: [Option<Rendered>; MAX_RENDER_SLOTS] = Default::default();
         let mut delivered = 0u64;
         let mut slow = 0u64;
         for session in &room.members {
@@ -257,12 +263,18 @@ impl Hub {
                 continue;
             }
             let slot = session.renderer.slot();
-            let frame =
-                rendered[slot].get_or_insert_with(|| session.renderer.render(event, &key.room));
-            let Some(frame) = frame else {
+            let r = rendered[slot].get_or_insert_with(|| Rendered {
+                frame: session.renderer.render(event, &key.room),
+                coalesce: session.renderer.coalesce(event, &key.room),
+            });
+            let Some(frame) = &r.frame else {
                 continue;
             };
-            match session.outbox.push(frame.clone()) {
+            let pushed = match &r.coalesce {
+                None => session.outbox.push(frame.clone()),
+                Some((k, window)) => session.outbox.push_coalesced(k, frame.clone(), *window),
+            };
+            match pushed {
                 Ok(()) => delivered += 1,
                 Err(PushError::Overflow) => {
                     slow += 1;

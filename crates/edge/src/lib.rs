@@ -8,6 +8,8 @@
 
 mod auth;
 pub mod config;
+pub mod dialect;
+pub mod dialects;
 mod disconnect;
 mod frame;
 mod http;
@@ -20,9 +22,10 @@ mod outbox;
 mod publish;
 mod ratelimit;
 mod session;
-mod ws;
+pub mod ws;
 
 pub use config::Config;
+pub use dialect::{Accepted, Connection, Dialect, Inbound, JoinError, Refusal, SessionCtx};
 pub use disconnect::Disconnect;
 pub use hub::{Hub, Joined};
 pub use metrics::prometheus;

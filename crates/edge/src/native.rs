@@ -5,14 +5,20 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use bytes::Bytes;
-use roomcast_auth::{Decision, Identity};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use roomcast_auth::Decision;
 use roomcast_protocol::native::{self, ClientMessage, Command, Denied, ErrorCode, Reply};
 use roomcast_protocol::{Event, RoomName};
 
+use crate::dialect::{Accepted, Connection, Dialect, Inbound, Refusal, SessionCtx};
+use crate::disconnect::Disconnect;
 use crate::frame::{ws_frame, OP_BINARY, OP_TEXT};
+use crate::http::{json_error, Body};
 use crate::node::Node;
-use crate::session::{Renderer, Session};
+use crate::session::Renderer;
 
 /// Wire format negotiated through the WebSocket subprotocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,31 +90,115 @@ pub(crate) fn reply_frame(format: Format, reply: &Reply, reference: Option<&str>
     }
 }
 
-/// Handles one complete inbound message of a native session.
-pub(crate) struct NativeHandler {
-    pub(crate) node: Arc<Node>,
-    pub(crate) session: Arc<Session>,
-    pub(crate) identity: Identity,
-    pub(crate) format: Format,
+/// The native dialect: `/v1/ws` (and the fallbacks that share its envelope).
+pub(crate) struct NativeDialect {
+    ws_path: String,
+    json: Arc<dyn Renderer>,
+    proto: Arc<dyn Renderer>,
 }
 
-impl NativeHandler {
-    fn send(&self, reply: &Reply, reference: Option<&str>) {
-        // A closing session drops its replies; nothing else to do.
-        let _ = self
-            .session
-            .outbox
-            .push(reply_frame(self.format, reply, reference));
+impl NativeDialect {
+    pub(crate) fn new(
+        config: &crate::config::NativeSettings,
+        slots: &mut crate::dialects::Slots,
+    ) -> Self {
+        Self {
+            ws_path: config.ws_path.clone(),
+            json: Arc::new(NativeRenderer::new(Format::Json, slots.next())),
+            proto: Arc::new(NativeRenderer::new(Format::Proto, slots.next())),
+        }
     }
 
-    pub(crate) fn send_error(
+    async fn accept(
         &self,
+        node: Arc<Node>,
+        parts: http::request::Parts,
+    ) -> Result<Accepted, Refusal> {
+        let token =
+            roomcast_auth::token_from_request(&parts, Some(&node.config().auth.cookie_name));
+        let identity = match token.as_deref().map(|t| node.verifier().verify(t)) {
+            Some(Ok(identity)) => identity,
+            Some(Err(e)) => return Err(Refusal::unauthenticated(&e)),
+            None => {
+                return Err(Refusal::new(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::AuthenticationFailed,
+                    "no token: send Authorization: Bearer, ?token= or the cookie",
+                    "missing_token",
+                ))
+            }
+        };
+        let offer = parts
+            .headers
+            .get(http::header::SEC_WEBSOCKET_PROTOCOL)
+            .and_then(|v| v.to_str().ok());
+        let negotiated = Format::negotiate(offer).map_err(|message| {
+            Refusal::new(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::InvalidMessage,
+                message,
+                "subprotocol",
+            )
+        })?;
+        let format = negotiated.unwrap_or(Format::Json);
+        Ok(Accepted {
+            identity,
+            renderer: match format {
+                Format::Json => self.json.clone(),
+                Format::Proto => self.proto.clone(),
+            },
+            subprotocol: negotiated.map(Format::subprotocol),
+            connection: Box::new(NativeConnection { format }),
+            limits: node.config().limits.clone(),
+            guard: None,
+            transport: "ws",
+        })
+    }
+}
+
+#[async_trait]
+impl Dialect for NativeDialect {
+    fn name(&self) -> &'static str {
+        "native"
+    }
+
+    fn paths(&self) -> Vec<String> {
+        vec![self.ws_path.clone()]
+    }
+
+    async fn handle(&self, node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+        if req.method() != http::Method::GET {
+            return json_error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::InvalidMessage,
+                "method not allowed",
+            );
+        }
+        let n = node.clone();
+        crate::ws::upgrade(node.clone(), req, |parts| self.accept(n, parts)).await
+    }
+}
+
+/// One native session's protocol state.
+pub(crate) struct NativeConnection {
+    format: Format,
+}
+
+impl NativeConnection {
+    fn send(&self, ctx: &SessionCtx, reply: &Reply, reference: Option<&str>) {
+        ctx.send(reply_frame(self.format, reply, reference));
+    }
+
+    fn send_error(
+        &self,
+        ctx: &SessionCtx,
         code: ErrorCode,
         message: impl Into<String>,
         reference: Option<&str>,
     ) {
         metrics::counter!("roomcast_client_errors_total", "code" => code.as_str()).increment(1);
         self.send(
+            ctx,
             &Reply::Error {
                 code,
                 message: message.into(),
@@ -117,76 +207,22 @@ impl NativeHandler {
         );
     }
 
-    pub(crate) fn welcome(&self) {
-        self.send(
-            &Reply::Welcome {
-                session: self.session.id.to_string(),
-                node: self.node.id().to_string(),
-                user: self.identity.user.to_string(),
-                tenant: self.identity.tenant.to_string(),
-            },
-            None,
-        );
-    }
-
-    /// A text (`binary == false`) or binary message.
-    pub(crate) async fn on_message(&self, binary: bool, payload: &[u8]) {
-        let parsed = match (self.format, binary) {
-            (Format::Json, false) => ClientMessage::from_json(payload),
-            (Format::Proto, true) => ClientMessage::from_proto(payload),
-            (Format::Json, true) => {
-                return self.send_error(
-                    ErrorCode::InvalidMessage,
-                    "binary frames need subprotocol roomcast.v1.proto",
-                    None,
-                )
-            }
-            (Format::Proto, false) => {
-                return self.send_error(
-                    ErrorCode::InvalidMessage,
-                    "text frames need subprotocol roomcast.v1.json",
-                    None,
-                )
-            }
-        };
-        let msg = match parsed {
-            Ok(m) => m,
-            Err(e) => {
-                return self.send_error(
-                    ErrorCode::InvalidMessage,
-                    e.message,
-                    e.reference.as_deref(),
-                )
-            }
-        };
-        let reference = msg.reference.as_deref();
-        match msg.command {
-            Command::Subscribe { rooms, since } => self.subscribe(rooms, since, reference).await,
-            Command::Unsubscribe { rooms } => self.unsubscribe(rooms, reference).await,
-            Command::Ping { ts } => self.send(
-                &Reply::Pong {
-                    ts: crate::hub::now_ms(),
-                    client_ts: ts,
-                },
-                reference,
-            ),
-        }
-    }
-
     async fn subscribe(
         &self,
+        ctx: &SessionCtx,
         rooms: Vec<String>,
         since: BTreeMap<String, String>,
         reference: Option<&str>,
     ) {
         if rooms.is_empty() {
             return self.send_error(
+                ctx,
                 ErrorCode::InvalidMessage,
                 "`rooms` must name at least one room",
                 reference,
             );
         }
-        let max = self.node.config().limits.max_rooms_per_session;
+        let max = ctx.node.config().limits.max_rooms_per_session;
         let mut ok = Vec::new();
         let mut denied = Vec::new();
         for raw in rooms {
@@ -203,37 +239,28 @@ impl NativeHandler {
             if ok.contains(&raw) {
                 continue;
             }
-            if !self.session.in_room(&room) && self.session.room_count() >= max {
+            if !ctx.session.in_room(&room) && ctx.session.room_count() >= max {
                 denied.push(Denied {
                     room: raw,
                     code: ErrorCode::SubscriptionLimit,
                 });
                 continue;
             }
-            match self
-                .node
-                .authorizer()
-                .authorize(&self.identity, &room)
-                .await
+            if let Decision::Deny(reason) =
+                ctx.node.authorizer().authorize(&ctx.identity, &room).await
             {
-                Decision::Allow => {}
-                Decision::Deny(reason) => {
-                    denied.push(Denied {
-                        room: raw,
-                        code: reason.error_code(),
-                    });
-                    continue;
-                }
+                denied.push(Denied {
+                    room: raw,
+                    code: reason.error_code(),
+                });
+                continue;
             }
-            match self.node.hub().join(&self.session, room).await {
+            match ctx.join(room, max).await {
                 Ok(_) => ok.push(raw),
-                Err(e) => {
-                    tracing::warn!(session = %self.session.id, error = %e, "join failed");
-                    denied.push(Denied {
-                        room: raw,
-                        code: ErrorCode::InternalError,
-                    });
-                }
+                Err(e) => denied.push(Denied {
+                    room: raw,
+                    code: e.code(),
+                }),
             }
         }
         // Resume from history is not wired yet: a room asked to resume says
@@ -245,6 +272,7 @@ impl NativeHandler {
             .map(|r| (r.clone(), false))
             .collect();
         self.send(
+            ctx,
             &Reply::Subscribed {
                 rooms: ok,
                 denied,
@@ -254,14 +282,119 @@ impl NativeHandler {
         );
     }
 
-    async fn unsubscribe(&self, rooms: Vec<String>, reference: Option<&str>) {
+    async fn unsubscribe(&self, ctx: &SessionCtx, rooms: Vec<String>, reference: Option<&str>) {
         let mut left = Vec::new();
+        let mut invalid = Vec::new();
         for raw in rooms {
-            if let Ok(room) = raw.parse::<RoomName>() {
-                self.node.hub().leave(&self.session, &room).await;
-                left.push(raw);
+            match raw.parse::<RoomName>() {
+                Ok(room) => {
+                    ctx.leave(&room).await;
+                    left.push(raw);
+                }
+                Err(_) => invalid.push(raw),
             }
         }
-        self.send(&Reply::Unsubscribed { rooms: left }, reference);
+        if !invalid.is_empty() {
+            self.send_error(
+                ctx,
+                ErrorCode::InvalidRoom,
+                format!("not room names: {}", invalid.join(", ")),
+                reference,
+            );
+        }
+        self.send(ctx, &Reply::Unsubscribed { rooms: left }, reference);
+    }
+}
+
+#[async_trait]
+impl Connection for NativeConnection {
+    async fn opened(&mut self, ctx: &SessionCtx) -> Result<(), Disconnect> {
+        self.send(
+            ctx,
+            &Reply::Welcome {
+                session: ctx.session.id.to_string(),
+                node: ctx.node.id().to_string(),
+                user: ctx.identity.user.to_string(),
+                tenant: ctx.identity.tenant.to_string(),
+            },
+            None,
+        );
+        Ok(())
+    }
+
+    async fn message(&mut self, ctx: &SessionCtx, msg: Inbound<'_>) -> Result<(), Disconnect> {
+        let parsed = match (self.format, msg.binary) {
+            (Format::Json, false) => ClientMessage::from_json(msg.payload),
+            (Format::Proto, true) => ClientMessage::from_proto(msg.payload),
+            (Format::Json, true) => {
+                self.send_error(
+                    ctx,
+                    ErrorCode::InvalidMessage,
+                    "binary frames need subprotocol roomcast.v1.proto",
+                    None,
+                );
+                return Ok(());
+            }
+            (Format::Proto, false) => {
+                self.send_error(
+                    ctx,
+                    ErrorCode::InvalidMessage,
+                    "text frames need subprotocol roomcast.v1.json",
+                    None,
+                );
+                return Ok(());
+            }
+        };
+        let msg = match parsed {
+            Ok(m) => m,
+            Err(e) => {
+                self.send_error(
+                    ctx,
+                    ErrorCode::InvalidMessage,
+                    e.message,
+                    e.reference.as_deref(),
+                );
+                return Ok(());
+            }
+        };
+        let reference = msg.reference.as_deref();
+        match msg.command {
+            Command::Subscribe { rooms, since } => {
+                self.subscribe(ctx, rooms, since, reference).await
+            }
+            Command::Unsubscribe { rooms } => self.unsubscribe(ctx, rooms, reference).await,
+            Command::Ping { ts } => self.send(
+                ctx,
+                &Reply::Pong {
+                    ts: crate::hub::now_ms(),
+                    client_ts: ts,
+                },
+                reference,
+            ),
+        }
+        Ok(())
+    }
+
+    fn rate_limited(&mut self, ctx: &SessionCtx) {
+        let l = &ctx.node.config().limits;
+        self.send_error(
+            ctx,
+            ErrorCode::RateLimitExceeded,
+            format!(
+                "at most {} messages per {:?}",
+                l.rate_messages, l.rate_window
+            ),
+            None,
+        );
+    }
+
+    fn too_large(&mut self, ctx: &SessionCtx) {
+        let max = ctx.node.config().limits.max_message_bytes;
+        self.send_error(
+            ctx,
+            ErrorCode::MessageTooLarge,
+            format!("messages are limited to {max} bytes"),
+            None,
+        );
     }
 }

@@ -15,10 +15,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::dialect::Dialect;
 use crate::disconnect::Disconnect;
 use crate::hub::Hub;
-use crate::native::{Format, NativeRenderer};
-use crate::session::{Renderer, Session};
+use crate::session::Session;
 
 const REGISTRY_SHARDS: usize = 16;
 
@@ -51,8 +51,8 @@ pub struct Node {
     /// False once shutdown began, so `/readyz` fails before sockets close.
     accepting: AtomicBool,
     shutdown: watch::Sender<bool>,
-    pub(crate) native_json: Arc<dyn Renderer>,
-    pub(crate) native_proto: Arc<dyn Renderer>,
+    /// Exact paths, then prefixes (paths ending in `/`), to their dialect.
+    routes: Vec<(String, Arc<dyn Dialect>)>,
 }
 
 /// The history caps a config asks for.
@@ -102,6 +102,20 @@ impl Node {
                 .parse()
                 .expect("generated ids are valid"),
         };
+        let mut routes = Vec::new();
+        for dialect in crate::dialects::build(&config)? {
+            for path in dialect.paths() {
+                if routes.iter().any(|(p, _): &(String, _)| *p == path) {
+                    return Err(crate::config::ConfigError(format!(
+                        "two dialects are mounted on {path}"
+                    ))
+                    .into());
+                }
+                routes.push((path, dialect.clone()));
+            }
+        }
+        // Exact paths before prefixes; longer prefixes first.
+        routes.sort_by_key(|(p, _)| (p.ends_with('/'), std::cmp::Reverse(p.len())));
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(Node {
             id,
@@ -113,10 +127,17 @@ impl Node {
             connections: AtomicUsize::new(0),
             accepting: AtomicBool::new(true),
             shutdown,
-            native_json: Arc::new(NativeRenderer::new(Format::Json, 0)),
-            native_proto: Arc::new(NativeRenderer::new(Format::Proto, 1)),
+            routes,
             config,
         }))
+    }
+
+    /// The dialect serving `path`, if any.
+    pub(crate) fn dialect_for(&self, path: &str) -> Option<&Arc<dyn Dialect>> {
+        self.routes
+            .iter()
+            .find(|(p, _)| p == path || (p.ends_with('/') && path.starts_with(p.as_str())))
+            .map(|(_, d)| d)
     }
 
     pub fn id(&self) -> &NodeId {

@@ -5,9 +5,11 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use crate::disconnect::Disconnect;
 
@@ -25,6 +27,15 @@ struct State {
     frames: VecDeque<Bytes>,
     bytes: usize,
     close: Option<Disconnect>,
+    /// Frames held back to coalesce: a newer frame with the same key
+    /// replaces the held one, which goes out when its window ends.
+    held: Vec<Held>,
+}
+
+struct Held {
+    key: Box<str>,
+    due: Instant,
+    frame: Bytes,
 }
 
 /// What the writer should do next.
@@ -79,6 +90,42 @@ impl Outbox {
         Ok(())
     }
 
+    /// Holds `frame` until `window` after the first frame of its `key` was
+    /// held; a newer frame with the same key replaces it (the last wins).
+    pub(crate) fn push_coalesced(
+        &self,
+        key: &str,
+        frame: Bytes,
+        window: Duration,
+    ) -> Result<(), PushError> {
+        let mut st = self.lock();
+        if st.close.is_some() {
+            return Err(PushError::Closed);
+        }
+        if let Some(held) = st.held.iter_mut().find(|h| &*h.key == key) {
+            held.frame = frame;
+            return Ok(());
+        }
+        if st.frames.len() + st.held.len() >= self.max_frames {
+            st.frames = VecDeque::new();
+            st.held = Vec::new();
+            st.bytes = 0;
+            st.close = Some(Disconnect::SLOW_CONSUMER);
+            drop(st);
+            self.ready.notify_one();
+            return Err(PushError::Overflow);
+        }
+        st.held.push(Held {
+            key: key.into(),
+            due: Instant::now() + window,
+            frame,
+        });
+        drop(st);
+        // The writer may be asleep without a deadline: wake it to arm one.
+        self.ready.notify_one();
+        Ok(())
+    }
+
     /// Asks the writer to close the socket. The first close wins;
     /// `flush_first` sends what is queued before the close frame (a drain)
     /// instead of dropping it.
@@ -103,12 +150,22 @@ impl Outbox {
     /// Waits until there is something to write or a close to perform.
     pub(crate) async fn next(&self) -> Next {
         loop {
-            {
+            let next_due = {
                 let mut st = self.lock();
                 if let Some(disconnect) = st.close {
                     let frames = std::mem::take(&mut st.frames);
                     st.bytes = 0;
                     return Next::Close(frames, disconnect);
+                }
+                let now = Instant::now();
+                if st.held.iter().any(|h| h.due <= now) {
+                    let (due, later): (Vec<Held>, Vec<Held>) = std::mem::take(&mut st.held)
+                        .into_iter()
+                        .partition(|h| h.due <= now);
+                    st.held = later;
+                    for h in due {
+                        st.frames.push_back(h.frame);
+                    }
                 }
                 if !st.frames.is_empty() {
                     st.bytes = 0;
@@ -116,8 +173,17 @@ impl Outbox {
                     // idle session holds no queue buffer.
                     return Next::Write(std::mem::take(&mut st.frames));
                 }
+                st.held.iter().map(|h| h.due).min()
+            };
+            match next_due {
+                Some(due) => {
+                    tokio::select! {
+                        _ = self.ready.notified() => {}
+                        _ = tokio::time::sleep_until(due) => {}
+                    }
+                }
+                None => self.ready.notified().await,
             }
-            self.ready.notified().await;
         }
     }
 }
@@ -153,6 +219,26 @@ mod tests {
         o.close(Disconnect::SHUTDOWN, true);
         assert!(
             matches!(o.next().await, Next::Close(f, d) if f.len() == 1 && d == Disconnect::SHUTDOWN)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn coalesced_frames_keep_the_last_per_key_until_the_window_ends() {
+        let o = Outbox::new(10, 1000);
+        let w = Duration::from_millis(100);
+        o.push_coalesced("f1", Bytes::from_static(b"1"), w).unwrap();
+        o.push_coalesced("f2", Bytes::from_static(b"a"), w).unwrap();
+        o.push_coalesced("f1", Bytes::from_static(b"2"), w).unwrap();
+        let start = Instant::now();
+        match o.next().await {
+            Next::Write(f) => assert_eq!(f, [Bytes::from_static(b"2"), Bytes::from_static(b"a")]),
+            Next::Close(..) => panic!("expected frames"),
+        }
+        assert_eq!(start.elapsed(), w, "held for exactly the window");
+        o.push(Bytes::from_static(b"now")).unwrap();
+        assert!(
+            matches!(o.next().await, Next::Write(f) if f.len() == 1),
+            "plain frames are not held"
         );
     }
 

@@ -12,7 +12,7 @@ use crate::outbox::Outbox;
 /// Most distinct renderers a node serves (native JSON, native protobuf, SSE,
 /// one or two per dialect). The hub keeps one rendered frame per slot per
 /// fan-out.
-pub const MAX_RENDER_SLOTS: usize = 16;
+pub const MAX_RENDER_SLOTS: usize = 32;
 
 /// Turns an event into the exact bytes a session's transport writes. Called
 /// once per (event, room, renderer) fan-out; the bytes are shared.
@@ -22,6 +22,12 @@ pub trait Renderer: Send + Sync + 'static {
     /// The frame for `event` delivered on `room`, or `None` when this
     /// renderer does not carry that event.
     fn render(&self, event: &Event, room: &RoomName) -> Option<Bytes>;
+
+    /// A key and window when frames of this event coalesce per session: a
+    /// newer frame with the same key replaces one still held (the last wins).
+    fn coalesce(&self, _event: &Event, _room: &RoomName) -> Option<(String, std::time::Duration)> {
+        None
+    }
 }
 
 /// One authenticated client connection, whatever its transport.

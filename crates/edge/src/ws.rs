@@ -1,8 +1,10 @@
-//! The WebSocket transport: checks before the upgrade (connection cap,
-//! credentials, subprotocol), then one reader loop and one writer task per
-//! session. The writer drains the session's outbox in vectored writes and
-//! sends pings; the reader parses frames, enforces size and rate limits,
-//! the idle timeout and token expiry, and hands messages to the dialect.
+//! The WebSocket transport, shared by every WebSocket dialect: checks before
+//! the upgrade (connection cap, then the dialect's `accept`), then one reader
+//! loop and one writer task per session. The writer drains the session's
+//! outbox in vectored writes and sends pings; the reader parses frames,
+//! enforces size and rate limits, the idle timeout, token expiry and the
+//! dialect's timers, and hands complete messages to the dialect's
+//! [`crate::dialect::Connection`].
 
 use std::io::IoSlice;
 use std::sync::Arc;
@@ -17,18 +19,24 @@ use roomcast_protocol::native::ErrorCode;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::dialect::{Accepted, Inbound, Refusal, SessionCtx};
 use crate::disconnect::Disconnect;
 use crate::frame::{close_frame, ws_frame, OP_PING, OP_PONG};
 use crate::http::{json_error, Body};
-use crate::native::{Format, NativeHandler};
 use crate::node::{ConnectionSlot, Node};
 use crate::outbox::{Next, Outbox};
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::session::Session;
 
-/// Handles `GET /v1/ws`: every refusal happens here, before the upgrade, so
-/// a refused client never gets an open socket.
-pub(crate) async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Response<Body> {
+/// Upgrades a WebSocket request for a dialect. Every refusal happens here,
+/// before the upgrade, so a refused client never gets an open socket: the
+/// node's connection cap (503), then `accept` (credentials, subprotocol,
+/// the dialect's own caps).
+pub async fn upgrade<F, Fut>(node: Arc<Node>, req: Request<Incoming>, accept: F) -> Response<Body>
+where
+    F: FnOnce(http::request::Parts) -> Fut,
+    Fut: std::future::Future<Output = Result<Accepted, Refusal>>,
+{
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return json_error(
             StatusCode::UPGRADE_REQUIRED,
@@ -37,44 +45,19 @@ pub(crate) async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Resp
         );
     }
     let Some(slot) = node.try_reserve_connection() else {
-        metrics::counter!("roomcast_rejected_connections_total", "reason" => "connection_limit")
-            .increment(1);
-        return json_error(
+        return Refusal::new(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::ConnectionLimit,
             "node is at its connection limit or draining; retry another node",
-        );
+            "connection_limit",
+        )
+        .into_response();
     };
     let (parts, body) = req.into_parts();
-    let token = roomcast_auth::token_from_request(&parts, Some(&node.config().auth.cookie_name));
-    req = Request::from_parts(parts, body);
-    let identity = match token.as_deref().map(|t| node.verifier().verify(t)) {
-        Some(Ok(identity)) => identity,
-        failure => {
-            let (reason, message) = match failure {
-                Some(Err(e)) => (e.reason(), e.to_string()),
-                _ => (
-                    "missing_token",
-                    "no token: send Authorization: Bearer, ?token= or the cookie".to_owned(),
-                ),
-            };
-            metrics::counter!("roomcast_auth_failures_total", "reason" => reason).increment(1);
-            return json_error(
-                StatusCode::UNAUTHORIZED,
-                ErrorCode::AuthenticationFailed,
-                &message,
-            );
-        }
-    };
-    let offer = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_PROTOCOL)
-        .and_then(|v| v.to_str().ok());
-    let negotiated = match Format::negotiate(offer) {
-        Ok(f) => f,
-        Err(message) => {
-            return json_error(StatusCode::BAD_REQUEST, ErrorCode::InvalidMessage, &message)
-        }
+    let mut req = Request::from_parts(parts.clone(), body);
+    let accepted = match accept(parts).await {
+        Ok(a) => a,
+        Err(refusal) => return refusal.into_response(),
     };
     let (response, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(pair) => pair,
@@ -87,16 +70,14 @@ pub(crate) async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Resp
         }
     };
     let mut response = response.map(|_| Body::default());
-    if let Some(format) = negotiated {
-        response.headers_mut().insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(format.subprotocol()),
-        );
+    if let Some(p) = accepted.subprotocol {
+        response
+            .headers_mut()
+            .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
     }
-    let format = negotiated.unwrap_or(Format::Json);
     tokio::spawn(async move {
         match upgrade.await {
-            Ok(ws) => run_session(node, slot, ws.into_inner(), identity, format).await,
+            Ok(ws) => run_session(node, slot, ws.into_inner(), accepted).await,
             Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
         }
     });
@@ -105,18 +86,16 @@ pub(crate) async fn upgrade(node: Arc<Node>, mut req: Request<Incoming>) -> Resp
 
 type Io = TokioIo<hyper::upgrade::Upgraded>;
 
-async fn run_session(
-    node: Arc<Node>,
-    slot: ConnectionSlot,
-    io: Io,
-    identity: roomcast_auth::Identity,
-    format: Format,
-) {
-    let limits = node.config().limits.clone();
-    let renderer = match format {
-        Format::Json => node.native_json.clone(),
-        Format::Proto => node.native_proto.clone(),
-    };
+async fn run_session(node: Arc<Node>, slot: ConnectionSlot, io: Io, accepted: Accepted) {
+    let Accepted {
+        identity,
+        renderer,
+        subprotocol: _,
+        mut connection,
+        limits,
+        guard,
+        transport,
+    } = accepted;
     let session = Arc::new(Session::new(
         crate::ids::random_id("s")
             .parse()
@@ -128,27 +107,24 @@ async fn run_session(
         Outbox::new(limits.outbound_queue_frames, limits.outbound_queue_bytes),
     ));
     let (read, write) = tokio::io::split(io);
-    let (reader, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
-    let mut reader = reader;
+    let (mut reader, _) =
+        fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
     reader.set_max_message_size(limits.max_message_bytes);
     reader.set_auto_close(false);
     reader.set_auto_pong(false);
 
     node.register(&session);
-    metrics::gauge!("roomcast_connections", "transport" => "ws").increment(1.0);
-    metrics::counter!("roomcast_connections_total", "transport" => "ws").increment(1);
-    tracing::debug!(session = %session.id, user = %identity.user, tenant = %identity.tenant, "session open");
+    metrics::gauge!("roomcast_connections", "transport" => transport).increment(1.0);
+    metrics::counter!("roomcast_connections_total", "transport" => transport).increment(1);
+    tracing::debug!(session = %session.id, user = %identity.user, tenant = %identity.tenant, transport, "session open");
 
     let mut writer = tokio::spawn(write_loop(session.clone(), write, limits.ping_interval));
-    let handler = NativeHandler {
+    let expires = token_deadline(identity.expires_at + node.config().auth.leeway_secs);
+    let ctx = SessionCtx {
         node: node.clone(),
         session: session.clone(),
         identity,
-        format,
     };
-    handler.welcome();
-
-    let expires = token_deadline(handler.identity.expires_at + node.config().auth.leeway_secs);
     let mut idle_deadline = Instant::now() + limits.idle_timeout;
     let mut limiter = RateLimiter::new(
         limits.rate_messages,
@@ -163,99 +139,106 @@ async fn run_session(
         std::future::ready(Ok::<(), std::convert::Infallible>(()))
     };
     let mut writer_done = false;
-    let reason: Disconnect = loop {
-        let frame = tokio::select! {
-            biased;
-            _ = &mut writer => {
-                writer_done = true;
-                break outbox.close_reason().unwrap_or(Disconnect::CLIENT_GONE);
-            }
-            _ = tokio::time::sleep_until(expires) => break Disconnect::TOKEN_EXPIRED,
-            _ = tokio::time::sleep_until(idle_deadline) => break Disconnect::IDLE_TIMEOUT,
-            frame = reader.read_frame(&mut obligated) => frame,
-        };
-        let frame = match frame {
-            Ok(f) => f,
-            Err(WebSocketError::FrameTooLarge) => {
-                handler.send_error(
-                    ErrorCode::MessageTooLarge,
-                    format!("messages are limited to {} bytes", limits.max_message_bytes),
-                    None,
-                );
-                break Disconnect::MESSAGE_TOO_LARGE;
-            }
-            Err(WebSocketError::UnexpectedEOF | WebSocketError::IoError(_)) => {
-                break Disconnect::CLIENT_GONE
-            }
-            Err(e) => {
-                tracing::debug!(session = %session.id, error = %e, "protocol error");
-                break Disconnect::PROTOCOL_ERROR;
-            }
-        };
-        idle_deadline = Instant::now() + limits.idle_timeout;
-        let (binary, payload): (bool, Bytes) = match frame.opcode {
-            OpCode::Ping => {
-                let _ = outbox.push(ws_frame(OP_PONG, &frame.payload));
-                continue;
-            }
-            OpCode::Pong => continue,
-            OpCode::Close => break Disconnect::CLIENT_CLOSED,
-            OpCode::Text | OpCode::Binary if frame.fin => {
-                if fragments.is_some() {
-                    break Disconnect::PROTOCOL_ERROR;
+    let opened = connection.opened(&ctx).await;
+    let reason: Disconnect = 'session: {
+        if let Err(d) = opened {
+            break 'session d;
+        }
+        loop {
+            let far = Instant::now() + Duration::from_secs(3600);
+            let dialect_deadline = connection.deadline().unwrap_or(far);
+            let frame = tokio::select! {
+                biased;
+                _ = &mut writer => {
+                    writer_done = true;
+                    break outbox.close_reason().unwrap_or(Disconnect::CLIENT_GONE);
                 }
-                (
-                    frame.opcode == OpCode::Binary,
-                    Bytes::copy_from_slice(&frame.payload),
-                )
-            }
-            OpCode::Text | OpCode::Binary => {
-                if fragments.is_some() {
-                    break Disconnect::PROTOCOL_ERROR;
-                }
-                fragments = Some((frame.opcode == OpCode::Binary, frame.payload.to_vec()));
-                continue;
-            }
-            OpCode::Continuation => {
-                let Some((binary, buf)) = fragments.as_mut() else {
-                    break Disconnect::PROTOCOL_ERROR;
-                };
-                if buf.len() + frame.payload.len() > limits.max_message_bytes {
-                    handler.send_error(
-                        ErrorCode::MessageTooLarge,
-                        format!("messages are limited to {} bytes", limits.max_message_bytes),
-                        None,
-                    );
-                    break Disconnect::MESSAGE_TOO_LARGE;
-                }
-                buf.extend_from_slice(&frame.payload);
-                if !frame.fin {
+                _ = tokio::time::sleep_until(expires) => break Disconnect::TOKEN_EXPIRED,
+                _ = tokio::time::sleep_until(idle_deadline) => break Disconnect::IDLE_TIMEOUT,
+                _ = tokio::time::sleep_until(dialect_deadline) => {
+                    if let Err(d) = connection.on_deadline(&ctx).await {
+                        break d;
+                    }
                     continue;
                 }
-                let binary = *binary;
-                let (_, buf) = fragments.take().expect("checked above");
-                (binary, Bytes::from(buf))
-            }
-        };
-        match limiter.check(Instant::now()) {
-            Verdict::Allow => handler.on_message(binary, &payload).await,
-            Verdict::Reject { first_in_window } => {
-                if first_in_window {
-                    handler.send_error(
-                        ErrorCode::RateLimitExceeded,
-                        format!(
-                            "at most {} messages per {:?}",
-                            limits.rate_messages, limits.rate_window
-                        ),
-                        None,
-                    );
+                frame = reader.read_frame(&mut obligated) => frame,
+            };
+            let frame = match frame {
+                Ok(f) => f,
+                Err(WebSocketError::FrameTooLarge) => {
+                    connection.too_large(&ctx);
+                    break Disconnect::MESSAGE_TOO_LARGE;
                 }
+                Err(WebSocketError::UnexpectedEOF | WebSocketError::IoError(_)) => {
+                    break Disconnect::CLIENT_GONE
+                }
+                Err(e) => {
+                    tracing::debug!(session = %session.id, error = %e, "protocol error");
+                    break Disconnect::PROTOCOL_ERROR;
+                }
+            };
+            idle_deadline = Instant::now() + limits.idle_timeout;
+            let (binary, payload): (bool, Bytes) = match frame.opcode {
+                OpCode::Ping => {
+                    let _ = outbox.push(ws_frame(OP_PONG, &frame.payload));
+                    continue;
+                }
+                OpCode::Pong => continue,
+                OpCode::Close => break Disconnect::CLIENT_CLOSED,
+                OpCode::Text | OpCode::Binary if frame.fin => {
+                    if fragments.is_some() {
+                        break Disconnect::PROTOCOL_ERROR;
+                    }
+                    (
+                        frame.opcode == OpCode::Binary,
+                        Bytes::copy_from_slice(&frame.payload),
+                    )
+                }
+                OpCode::Text | OpCode::Binary => {
+                    if fragments.is_some() {
+                        break Disconnect::PROTOCOL_ERROR;
+                    }
+                    fragments = Some((frame.opcode == OpCode::Binary, frame.payload.to_vec()));
+                    continue;
+                }
+                OpCode::Continuation => {
+                    let Some((binary, buf)) = fragments.as_mut() else {
+                        break Disconnect::PROTOCOL_ERROR;
+                    };
+                    if buf.len() + frame.payload.len() > limits.max_message_bytes {
+                        connection.too_large(&ctx);
+                        break Disconnect::MESSAGE_TOO_LARGE;
+                    }
+                    buf.extend_from_slice(&frame.payload);
+                    if !frame.fin {
+                        continue;
+                    }
+                    let binary = *binary;
+                    let (_, buf) = fragments.take().expect("checked above");
+                    (binary, Bytes::from(buf))
+                }
+            };
+            match limiter.check(Instant::now()) {
+                Verdict::Allow => {
+                    let msg = Inbound {
+                        binary,
+                        payload: &payload,
+                    };
+                    if let Err(d) = connection.message(&ctx, msg).await {
+                        break d;
+                    }
+                }
+                Verdict::Reject { first_in_window } => {
+                    if first_in_window {
+                        connection.rate_limited(&ctx);
+                    }
+                }
+                Verdict::Disconnect => break Disconnect::RATE_LIMIT,
             }
-            Verdict::Disconnect => break Disconnect::RATE_LIMIT,
-        }
-        if let Some(reason) = outbox.close_reason() {
-            // A slow-consumer overflow or a drain: the writer ends the socket.
-            break reason;
+            if let Some(reason) = outbox.close_reason() {
+                // A slow-consumer overflow or a drain: the writer ends the socket.
+                break reason;
+            }
         }
     };
 
@@ -267,11 +250,13 @@ async fn run_session(
         let _ = tokio::time::timeout(CLOSE_WRITE_GRACE * 2, &mut writer).await;
         writer.abort();
     }
+    connection.closed(&ctx).await;
     node.hub().leave_all(&session).await;
     node.unregister(&session.id);
-    metrics::gauge!("roomcast_connections", "transport" => "ws").decrement(1.0);
+    metrics::gauge!("roomcast_connections", "transport" => transport).decrement(1.0);
     metrics::counter!("roomcast_disconnects_total", "reason" => reason.label).increment(1);
     tracing::debug!(session = %session.id, reason = reason.label, "session closed");
+    drop(guard);
     drop(slot);
 }
 
