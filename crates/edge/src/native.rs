@@ -104,8 +104,8 @@ impl NativeDialect {
     ) -> Self {
         Self {
             ws_path: config.ws_path.clone(),
-            json: Arc::new(NativeRenderer::new(Format::Json, slots.next())),
-            proto: Arc::new(NativeRenderer::new(Format::Proto, slots.next())),
+            json: Arc::new(NativeRenderer::new(Format::Json, slots.allocate())),
+            proto: Arc::new(NativeRenderer::new(Format::Proto, slots.allocate())),
         }
     }
 

@@ -20,7 +20,7 @@ impl Slots {
     /// # Panics
     /// When more than [`MAX_RENDER_SLOTS`] renderers are built: a build-time
     /// limit of the node, not an input error.
-    pub fn next(&mut self) -> usize {
+    pub fn allocate(&mut self) -> usize {
         let slot = self.next;
         assert!(
             slot < MAX_RENDER_SLOTS,
