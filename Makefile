@@ -13,13 +13,24 @@ test: test-deps lint
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 
-## Tools the tests use: a real redis-server (7+, for sharded pub/sub) and redis-cli.
+## Tools the tests use: a real redis-server (7+, for sharded pub/sub) and redis-cli,
+## Debian's Chromium for browser tests, the e2e npm packages, the Python protobuf client tools.
+APT_PACKAGES := redis-server redis-tools chromium
 test-deps:
-	@if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then \
-		echo "installing redis-server and redis-tools (apt-get)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null; \
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing$$missing (apt-get)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@redis-server --version
+	@if [ ! -d e2e/node_modules ] || [ e2e/package-lock.json -nt e2e/node_modules ]; then \
+		echo "installing e2e npm packages"; npm ci --prefix e2e --no-audit --no-fund --silent; \
+	fi
+	@python3 -c "import grpc_tools, google.protobuf" 2>/dev/null || { \
+		echo "installing e2e Python packages"; python3 -m pip install -q -r e2e/requirements.txt; }
 
 lint:
 	$(CARGO) fmt --all -- --check

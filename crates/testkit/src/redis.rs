@@ -66,7 +66,9 @@ pub(crate) async fn wait_ready(port: u16, child: &mut Child) -> bool {
         if let Ok(Some(_)) = child.try_wait() {
             return false;
         }
-        if ping(port).await {
+        // The answer must come from our own child: a server of another test
+        // process that raced us to the port would otherwise pass for ours.
+        if answering_pid(port).await == Some(child.id()) {
             return true;
         }
         assert!(
@@ -78,15 +80,30 @@ pub(crate) async fn wait_ready(port: u16, child: &mut Child) -> bool {
     }
 }
 
-async fn ping(port: u16) -> bool {
-    let Ok(mut s) = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).await else {
-        return false;
-    };
-    if s.write_all(b"PING\r\n").await.is_err() {
-        return false;
+/// The process id of the redis-server answering on `port`, from `INFO server`.
+async fn answering_pid(port: u16) -> Option<u32> {
+    let mut s = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        .await
+        .ok()?;
+    s.write_all(b"INFO server\r\n").await.ok()?;
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        reply.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        if let Some(rest) = text.split("process_id:").nth(1) {
+            if let Some((pid, _)) = rest.split_once("\r\n") {
+                return pid.trim().parse().ok();
+            }
+        }
+        if reply.len() > 64 * 1024 {
+            return None;
+        }
     }
-    let mut buf = [0u8; 7];
-    s.read_exact(&mut buf).await.is_ok() && &buf == b"+PONG\r\n"
 }
 
 /// A standalone Redis for one test.

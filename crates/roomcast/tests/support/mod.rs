@@ -1,0 +1,422 @@
+//! Fixtures for the cluster tests: in-process nodes on a real Redis (or
+//! Redis Cluster) with a unique prefix, nodes run as real processes of the
+//! built binary, real WebSocket clients (tokio-tungstenite) and real HTTP
+//! requests over TCP.
+#![allow(dead_code, unreachable_pub)] // each test uses a subset
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use roomcast_auth::{mint_hs256, MintClaims};
+use roomcast_broker_redis::{RedisBroker, RedisConfig, RedisMode};
+use roomcast_edge::{Config, Node};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret-0123456789";
+pub const API_KEY: &str = "test-api-key-0123456789";
+pub const TENANT: &str = "acme";
+/// How long a test waits for something that should happen at once.
+pub const PATIENCE: Duration = Duration::from_secs(5);
+/// How long a test waits for a recovery (reconnect with backoff, resubscribe).
+pub const RECOVERY: Duration = Duration::from_secs(20);
+
+/// Where a node's broker lives.
+pub enum Backend<'a> {
+    Standalone(&'a str),
+    Cluster(&'a [String]),
+}
+
+/// A node config on `backend` under `prefix`, listening on 127.0.0.1:0,
+/// leaving rooms at once (`unsubscribe_delay` 0).
+pub fn config(backend: Backend<'_>, prefix: &str) -> Config {
+    let mut c = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        unsubscribe_delay: Duration::ZERO,
+        drain_window: Duration::from_millis(200),
+        ..Config::default()
+    };
+    c.auth.jwt_secret = Some(SECRET.into());
+    c.publish.api_keys = vec![API_KEY.into()];
+    match backend {
+        Backend::Standalone(url) => c.broker.redis = Some(url.to_owned()),
+        Backend::Cluster(urls) => c.broker.redis_cluster = urls.to_vec(),
+    }
+    c.broker.prefix = prefix.to_owned();
+    c
+}
+
+/// The Redis broker settings a node config asks for: the same mapping as
+/// `roomcast serve` (src/serve.rs `redis_config`).
+pub fn redis_config(config: &Config) -> RedisConfig {
+    let b = &config.broker;
+    let mode = match (&b.redis, b.redis_cluster.is_empty()) {
+        (Some(url), _) => RedisMode::Standalone { url: url.clone() },
+        (None, false) => RedisMode::Cluster {
+            urls: b.redis_cluster.clone(),
+        },
+        (None, true) => panic!("the cluster tests need a Redis broker"),
+    };
+    let mut redis = RedisConfig::new(mode);
+    redis.prefix = b.prefix.clone();
+    redis.history = roomcast_edge::history_policy(config);
+    redis
+}
+
+/// An in-process node on a Redis broker, serving on 127.0.0.1:0.
+pub struct TestNode {
+    pub addr: SocketAddr,
+    pub node: Arc<Node>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestNode {
+    pub async fn start(config: Config) -> TestNode {
+        let redis = redis_config(&config);
+        redis.validate().expect("a valid redis config");
+        let node = Node::build(config, move |sink| async move {
+            let broker = RedisBroker::connect(redis, sink).await?;
+            Ok(broker as Arc<dyn roomcast_broker::Broker>)
+        })
+        .await
+        .expect("node builds");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn({
+            let node = node.clone();
+            async move {
+                node.run(listener, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+            }
+        });
+        TestNode {
+            addr,
+            node,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Starts the drain and waits for `run` to return.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task.take().unwrap())
+            .await
+            .expect("drain finishes")
+            .unwrap();
+    }
+
+    pub async fn connect(&self, token: &str) -> Client {
+        Client::connect(self.addr, token).await
+    }
+
+    pub async fn publish(&self, body: &Value) -> (u16, Value) {
+        publish(self.addr, body).await
+    }
+
+    pub async fn readyz(&self) -> u16 {
+        http_get(self.addr, "/readyz").await.0
+    }
+}
+
+/// A node running as a child process of the built `roomcast` binary;
+/// SIGKILLed when dropped.
+pub struct NodeProcess {
+    pub addr: SocketAddr,
+    child: tokio::process::Child,
+}
+
+impl NodeProcess {
+    /// Runs `roomcast serve` on 127.0.0.1:0 and waits for its
+    /// "roomcast node listening" log line, which names the bound address.
+    pub async fn start(redis_url: &str, prefix: &str) -> NodeProcess {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--redis", redis_url])
+            .args(["--redis-prefix", prefix])
+            .args(["--jwt-secret", SECRET, "--api-key", API_KEY])
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn the roomcast binary");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = oneshot::channel();
+        // Reads the log for the address, then keeps draining it so the
+        // child never blocks on a full pipe.
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            let mut tx = Some(tx);
+            let mut seen = Vec::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(t) = tx.take() {
+                    let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+                    if v["fields"]["message"] == "roomcast node listening" {
+                        let addr = v["fields"]["addr"].as_str().unwrap_or_default();
+                        let _ = t.send(Ok(addr.parse::<SocketAddr>().expect("an address")));
+                    } else {
+                        seen.push(line);
+                        tx = Some(t);
+                    }
+                }
+            }
+            if let Some(t) = tx {
+                let _ = t.send(Err(seen.join("\n")));
+            }
+        });
+        let addr = match tokio::time::timeout(RECOVERY, rx).await {
+            Ok(Ok(Ok(addr))) => addr,
+            Ok(Ok(Err(log))) => panic!("roomcast exited before listening:\n{log}"),
+            other => panic!("roomcast did not report its address: {other:?}"),
+        };
+        NodeProcess { addr, child }
+    }
+
+    /// SIGKILL (no drain, no goodbye) and reap.
+    pub async fn sigkill(&mut self) {
+        self.child.start_kill().expect("SIGKILL the node");
+        let status = self.child.wait().await.unwrap();
+        assert!(!status.success(), "killed, not exited: {status}");
+    }
+
+    pub async fn connect(&self, token: &str) -> Client {
+        Client::connect(self.addr, token).await
+    }
+
+    pub async fn publish(&self, body: &Value) -> (u16, Value) {
+        publish(self.addr, body).await
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// An HS256 client token for `user` in tenant `acme` with these teams.
+pub fn token(user: &str, teams: &[&str]) -> String {
+    let mut c = MintClaims::new(user, TENANT);
+    c.teams = teams.iter().map(|t| t.to_string()).collect();
+    mint_hs256(SECRET.as_bytes(), &c)
+}
+
+/// A publish body for tenant `acme`.
+pub fn event(rooms: &[&str], kind: &str, data: Value) -> Value {
+    json!({"tenant": TENANT, "rooms": rooms, "type": kind, "data": data})
+}
+
+/// A plain HTTP/1.1 request over a fresh TCP connection.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    // Publishes may wait for a Redis command timeout (5 s) before a 503.
+    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut raw))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status: u16 = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path, &[], "").await
+}
+
+pub async fn http_post(
+    addr: SocketAddr,
+    path: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (u16, Value) {
+    let auth = bearer.map(|b| format!("Bearer {b}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a.as_str()));
+    }
+    let (status, body) = http_request(addr, "POST", path, &headers, body).await;
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(Value::String(body)),
+    )
+}
+
+/// POST /v1/publish with the API key.
+pub async fn publish(addr: SocketAddr, body: &Value) -> (u16, Value) {
+    http_post(addr, "/v1/publish", Some(API_KEY), &body.to_string()).await
+}
+
+/// Publishes, retrying while the node answers 503 (broker unavailable), and
+/// returns the accepted reply; fails after `within`.
+pub async fn publish_retrying(addr: SocketAddr, body: &Value, within: Duration) -> Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let (status, reply) = publish(addr, body).await;
+        match status {
+            200 => return reply,
+            503 if tokio::time::Instant::now() < deadline => {
+                // Backing off between retries, as a publisher would.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            _ => panic!("publish failed: {status} {reply}"),
+        }
+    }
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub welcome: Value,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr, token: &str) -> Client {
+        let mut req = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
+        req.headers_mut()
+            .insert("Authorization", format!("Bearer {token}").parse().unwrap());
+        let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(req))
+            .await
+            .expect("connected in time")
+            .expect("connects");
+        let mut c = Client {
+            ws,
+            welcome: Value::Null,
+        };
+        c.welcome = c.next_json().await;
+        assert_eq!(c.welcome["op"], "welcome", "{}", c.welcome);
+        c
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws.send(Message::text(v.to_string())).await.unwrap();
+    }
+
+    /// The next data message, skipping pings; `None` when the socket ended
+    /// (close frame, EOF or reset).
+    pub async fn next_message_or_end(&mut self, within: Duration) -> Option<Message> {
+        loop {
+            let m = tokio::time::timeout(within, self.ws.next())
+                .await
+                .expect("a message (or the end) in time");
+            match m {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(m)) => return Some(m),
+            }
+        }
+    }
+
+    pub async fn next_json(&mut self) -> Value {
+        match self.next_message_or_end(PATIENCE).await {
+            Some(Message::Text(t)) => serde_json::from_str(t.as_str()).expect("valid JSON"),
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// Subscribes and returns the `subscribed` reply (every room granted).
+    pub async fn subscribe(&mut self, rooms: &[&str]) -> Value {
+        self.send(json!({"op":"subscribe","ref":"s","rooms":rooms}))
+            .await;
+        let reply = self.next_json().await;
+        assert_eq!(reply["op"], "subscribed", "{reply}");
+        assert_eq!(reply["rooms"], json!(rooms), "{reply}");
+        reply
+    }
+
+    pub async fn unsubscribe(&mut self, rooms: &[&str]) {
+        self.send(json!({"op":"unsubscribe","ref":"u","rooms":rooms}))
+            .await;
+        let reply = self.next_json().await;
+        assert_eq!(reply["op"], "unsubscribed", "{reply}");
+    }
+
+    /// A protocol round trip: the session is alive and being served.
+    pub async fn ping(&mut self) {
+        self.send(json!({"op":"ping","ref":"p"})).await;
+        let reply = self.next_json().await;
+        assert_eq!(reply["op"], "pong", "{reply}");
+    }
+
+    /// The next frame, which must be an event.
+    pub async fn next_event(&mut self) -> Value {
+        let ev = self.next_json().await;
+        assert_eq!(ev["op"], "event", "{ev}");
+        ev
+    }
+
+    /// Every event up to (not including) the first of type `fence_type`.
+    pub async fn events_until(&mut self, fence_type: &str) -> Vec<Value> {
+        let mut before = Vec::new();
+        loop {
+            let ev = self.next_event().await;
+            if ev["type"] == fence_type {
+                return before;
+            }
+            before.push(ev);
+        }
+    }
+
+    /// Waits until the socket ends (without asserting how).
+    pub async fn expect_end(&mut self) {
+        if let Some(m) = self.next_message_or_end(PATIENCE).await {
+            panic!("expected the socket to end, got {m:?}");
+        }
+    }
+}
+
+/// Polls `check` until it holds, failing after `within`. Only for state that
+/// has no event to await (inside a server or Redis).
+pub async fn eventually<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
