@@ -129,4 +129,9 @@ pub trait Broker: Send + Sync + 'static {
 
     /// A short name for logs and metrics (`memory`, `redis`, `redis-cluster`).
     fn kind(&self) -> &'static str;
+
+    /// The broker's presence store, when it has one (see [`crate::Presence`]).
+    fn presence(&self) -> Option<&dyn crate::Presence> {
+        None
+    }
 }

@@ -30,6 +30,7 @@ struct Shard {
 /// The in-memory broker.
 pub struct MemoryBroker {
     shards: Box<[Mutex<Shard>]>,
+    presence: crate::presence::MemoryPresence,
     policy: HistoryPolicy,
     sink: OnceLock<Arc<dyn EventSink>>,
     clock: Mutex<EventId>,
@@ -46,6 +47,7 @@ impl MemoryBroker {
     pub fn new(policy: HistoryPolicy) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            presence: crate::presence::MemoryPresence::default(),
             policy,
             sink: OnceLock::new(),
             clock: Mutex::new(EventId::ZERO),
@@ -205,6 +207,10 @@ impl Broker for MemoryBroker {
 
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    fn presence(&self) -> Option<&dyn crate::Presence> {
+        Some(&self.presence)
     }
 }
 
