@@ -82,6 +82,14 @@ impl RedisBroker {
         self.names.stream(room)
     }
 
+    pub(crate) fn commands(&self) -> &Commands {
+        &self.commands
+    }
+
+    pub(crate) fn names(&self) -> &Names {
+        &self.names
+    }
+
     fn sharded(&self) -> bool {
         matches!(self.config.mode, RedisMode::Cluster { .. })
     }
@@ -146,6 +154,10 @@ impl Broker for RedisBroker {
 
     fn healthy(&self) -> bool {
         self.subscriber.shared.healthy()
+    }
+
+    fn presence(&self) -> Option<&dyn roomcast_broker::Presence> {
+        Some(self)
     }
 
     fn kind(&self) -> &'static str {

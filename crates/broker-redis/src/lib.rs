@@ -12,6 +12,12 @@
 //!   driven by one actor task that reconnects with backoff, resubscribes
 //!   every wanted room, follows moved slots, and then tells the sink to
 //!   resync from history.
+//! * Presence (`impl roomcast_broker::Presence for RedisBroker`): per-session
+//!   entries in `:p` (HASH), `:pz` (ZSET of expiries) and `:pu` (HASH of
+//!   per-user counts) under the room's hash tag, changed only by Lua scripts
+//!   so joins, leaves and lapses are decided atomically per room; a registry
+//!   sharded over [`PRESENCE_REGISTRY_SHARDS`] keys lets any node's sweep
+//!   find the rooms with lapsed sessions.
 //!
 //! Depends on `roomcast-broker` and `roomcast-protocol` only; knows nothing
 //! of sockets, sessions or dialects.
@@ -23,6 +29,7 @@ mod config;
 mod history;
 mod link;
 mod names;
+mod presence;
 mod resp;
 mod script;
 mod subscriber;
@@ -30,4 +37,5 @@ mod topology;
 
 pub use broker::{parse_room_channel, publish_direct, room_channel, room_stream, RedisBroker};
 pub use config::{ConfigError, RedisConfig, RedisMode};
+pub use presence::{PRESENCE_KEY_GRACE, PRESENCE_REGISTRY_SHARDS};
 pub use script::{publish_script_sha, PUBLISH_SCRIPT};

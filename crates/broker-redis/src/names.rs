@@ -4,6 +4,8 @@
 //! stream  : <prefix>{<tenant>/<room>}:h     e.g. rc:{acme/team:42}:h
 //! channel : <prefix>{<tenant>/<room>}:c     e.g. rc:{acme/team:42}:c
 //! trim mark: <prefix>{<tenant>/<room>}:t    newest id trimmed from the stream
+//! presence : <prefix>{<tenant>/<room>}:p / :pz / :pu / :pr   (see presence.rs)
+//! registry : <prefix>{presence:<n>}:rooms / :gen / :seq, n < 16
 //! ```
 //!
 //! The `{...}` hash tag puts a room's stream and channel in one Cluster slot,
@@ -42,6 +44,38 @@ impl Names {
     /// The room's pub/sub channel.
     pub(crate) fn channel(&self, room: &RoomKey) -> String {
         format!("{}{{{}/{}}}:c", self.prefix, room.tenant, room.room)
+    }
+
+    /// The room's presence entries: HASH session → encoded entry.
+    pub(crate) fn presence_entries(&self, room: &RoomKey) -> String {
+        format!("{}{{{}/{}}}:p", self.prefix, room.tenant, room.room)
+    }
+
+    /// The room's presence expiries: ZSET session → expiry (unix ms).
+    pub(crate) fn presence_expiry(&self, room: &RoomKey) -> String {
+        format!("{}{{{}/{}}}:pz", self.prefix, room.tenant, room.room)
+    }
+
+    /// The room's present users: HASH user → number of entries.
+    pub(crate) fn presence_users(&self, room: &RoomKey) -> String {
+        format!("{}{{{}/{}}}:pu", self.prefix, room.tenant, room.room)
+    }
+
+    /// The room's registration mark: STRING, present while the room is
+    /// known to be listed in its registry shard.
+    pub(crate) fn presence_mark(&self, room: &RoomKey) -> String {
+        format!("{}{{{}/{}}}:pr", self.prefix, room.tenant, room.room)
+    }
+
+    /// Registry shard `n`'s keys, one hash tag: the due ZSET
+    /// (`<tenant>/<room>` → ms), the generation HASH and its counter.
+    pub(crate) fn presence_registry(&self, shard: u16) -> [String; 3] {
+        let p = &self.prefix;
+        [
+            format!("{p}{{presence:{shard}}}:rooms"),
+            format!("{p}{{presence:{shard}}}:gen"),
+            format!("{p}{{presence:{shard}}}:seq"),
+        ]
     }
 
     /// The room a channel name belongs to, if it is one of ours.

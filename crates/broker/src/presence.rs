@@ -77,10 +77,11 @@ pub struct MemoryPresence {
     rooms: Mutex<HashMap<RoomKey, RoomEntries>>,
 }
 
-fn user_present(sessions: &RoomEntries, user: &UserId, now_ms: u64) -> bool {
-    sessions
-        .values()
-        .any(|(e, exp)| &e.user == user && *exp > now_ms)
+/// Whether the user still has an entry in the room. A lapsed entry that no
+/// sweep has removed yet still counts, so joins and leaves stay paired: the
+/// sweep that removes it reports the leave, exactly once (as in Redis).
+fn user_present(sessions: &RoomEntries, user: &UserId) -> bool {
+    sessions.values().any(|(e, _)| &e.user == user)
 }
 
 #[async_trait]
@@ -94,7 +95,7 @@ impl Presence for MemoryPresence {
     ) -> Result<PresenceChange, BrokerError> {
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
         let sessions = rooms.entry(room.clone()).or_default();
-        let was = user_present(sessions, &entry.user, now_ms);
+        let was = user_present(sessions, &entry.user);
         let expires = now_ms + ttl.as_millis() as u64;
         sessions.insert(entry.session.clone(), (entry, expires));
         Ok(if was {
@@ -108,7 +109,7 @@ impl Presence for MemoryPresence {
         &self,
         room: &RoomKey,
         session: &SessionId,
-        now_ms: u64,
+        _now_ms: u64,
     ) -> Result<PresenceChange, BrokerError> {
         let mut rooms = self.rooms.lock().unwrap_or_else(|p| p.into_inner());
         let Some(sessions) = rooms.get_mut(room) else {
@@ -117,7 +118,7 @@ impl Presence for MemoryPresence {
         let Some((entry, _)) = sessions.remove(session) else {
             return Ok(PresenceChange::Unchanged);
         };
-        let still = user_present(sessions, &entry.user, now_ms);
+        let still = user_present(sessions, &entry.user);
         if sessions.is_empty() {
             rooms.remove(room);
         }
@@ -158,9 +159,7 @@ impl Presence for MemoryPresence {
                 .collect();
             sessions.retain(|_, (_, exp)| *exp > now_ms);
             for user in lapsed {
-                if !user_present(sessions, &user, now_ms)
-                    && !left.contains(&(room.clone(), user.clone()))
-                {
+                if !user_present(sessions, &user) && !left.contains(&(room.clone(), user.clone())) {
                     left.push((room.clone(), user));
                 }
             }
@@ -207,6 +206,34 @@ mod tests {
             p.remove(&room, &"s2".parse().unwrap(), 3).await.unwrap(),
             PresenceChange::UserLeft
         );
+    }
+
+    #[tokio::test]
+    async fn a_lapsed_unswept_session_keeps_join_and_leave_paired() {
+        let p = MemoryPresence::default();
+        let room = RoomKey::new("acme".parse().unwrap(), "task:1".parse().unwrap());
+        let ttl = Duration::from_millis(100);
+        assert_eq!(
+            p.upsert(&room, entry("s1", "u1", 0), ttl, 0).await.unwrap(),
+            PresenceChange::UserJoined
+        );
+        // s1 lapsed at 100 but nobody swept; a new session is not a second join.
+        assert_eq!(
+            p.upsert(&room, entry("s2", "u1", 150), ttl, 150)
+                .await
+                .unwrap(),
+            PresenceChange::Unchanged
+        );
+        assert_eq!(
+            p.remove(&room, &"s2".parse().unwrap(), 160).await.unwrap(),
+            PresenceChange::Unchanged
+        );
+        // The sweep reports the leave, once.
+        assert_eq!(
+            p.expire(200).await.unwrap(),
+            vec![(room.clone(), "u1".parse().unwrap())]
+        );
+        assert!(p.expire(300).await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -29,8 +29,12 @@ struct Room {
     members: Vec<Arc<Session>>,
     /// Whether the broker subscription is in place.
     subscribed: bool,
-    /// Newest event delivered here, to fill a gap after a broker reconnect.
+    /// Newest event delivered here, to fill a gap after a broker reconnect
+    /// and to drop an event seen twice (overlapping subscriptions).
     last_id: EventId,
+    /// While the room refills from history after a broker reconnect, live
+    /// events wait here.
+    resync: Option<Vec<Arc<Event>>>,
 }
 
 /// One renderer's output for the event being fanned out.
@@ -58,6 +62,8 @@ struct HubMetrics {
 
 /// The local room index.
 pub struct Hub {
+    /// The hub itself, for tasks the broker's callbacks start.
+    me: OnceLock<std::sync::Weak<Hub>>,
     shards: Box<[RwLock<HashMap<RoomKey, Room>>]>,
     stripes: Box<[tokio::sync::Mutex<()>]>,
     broker: OnceLock<Arc<dyn Broker>>,
@@ -80,7 +86,8 @@ pub(crate) fn now_ms() -> u64 {
 
 impl Hub {
     pub fn new(unsubscribe_delay: Duration) -> Arc<Self> {
-        Arc::new(Self {
+        let hub = Arc::new(Self {
+            me: OnceLock::new(),
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             broker: OnceLock::new(),
@@ -96,7 +103,9 @@ impl Hub {
                     "roomcast_broker_subscribe_errors_total"
                 ),
             },
-        })
+        });
+        let _ = hub.me.set(Arc::downgrade(&hub));
+        hub
     }
 
     /// Connects the hub to its broker; only the first call counts.
@@ -236,12 +245,27 @@ impl Hub {
             .map_or(0, |r| r.members.len())
     }
 
-    fn fan_out(&self, key: &RoomKey, event: &Event) {
+    fn fan_out(&self, key: &RoomKey, event: &Arc<Event>) {
         let mut shard = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
         let Some(room) = shard.get_mut(key) else {
             return;
         };
-        room.last_id = room.last_id.max(event.id);
+        if let Some(waiting) = room.resync.as_mut() {
+            waiting.push(event.clone());
+            return;
+        }
+        self.fan_out_locked(key, room, event);
+    }
+
+    /// Delivers to a room whose shard lock the caller holds.
+    fn fan_out_locked(&self, key: &RoomKey, room: &mut Room, event: &Event) {
+        if event.id != EventId::ZERO {
+            if event.id <= room.last_id {
+                // Already delivered (a history refill or an overlapping subscription).
+                return;
+            }
+            room.last_id = event.id;
+        }
         let position = event.rooms.iter().position(|r| *r == key.room).unwrap_or(0);
         let earlier_rooms = &event.rooms[..position];
         let filter_audience = !event.audience.is_empty();
@@ -270,6 +294,9 @@ impl Hub {
             let Some(frame) = &r.frame else {
                 continue;
             };
+            if session.hold_if_replaying(&key.room, event.id, frame) {
+                continue;
+            }
             let pushed = match &r.coalesce {
                 None => session.outbox.push(frame.clone()),
                 Some((k, window)) => session.outbox.push_coalesced(k, frame.clone(), *window),
@@ -283,7 +310,6 @@ impl Hub {
                 Err(PushError::Closed) => {}
             }
         }
-        drop(shard);
         self.metrics.deliveries.increment(delivered);
         if slow > 0 {
             self.metrics.slow_consumer_drops.increment(slow);
@@ -302,6 +328,158 @@ impl EventSink for Hub {
     }
 
     fn resynced(&self) {
-        tracing::info!("broker resynced; rooms resubscribed");
+        let Some(hub) = self.me.get().and_then(|w| w.upgrade()) else {
+            return;
+        };
+        // Every room holds its live events while it refills from history.
+        let mut rooms = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.write().unwrap_or_else(|p| p.into_inner());
+            for (key, room) in shard.iter_mut() {
+                if room.resync.is_none() {
+                    room.resync = Some(Vec::new());
+                    rooms.push((key.clone(), room.last_id));
+                }
+            }
+        }
+        tracing::info!(
+            rooms = rooms.len(),
+            "broker resynced; refilling rooms from history"
+        );
+        tokio::spawn(async move {
+            for (key, since) in rooms {
+                hub.refill(&key, since).await;
+            }
+        });
+    }
+}
+
+/// Most events one refill or one session replay reads from history; past it
+/// the reader is told it did not recover and must refetch.
+pub const MAX_REPLAY: usize = 10_000;
+const PAGE: usize = 500;
+
+/// A room joined with a resume position: history is read, and live frames
+/// of the room are held until [`Resume::replay`] queues the history.
+pub struct Resume {
+    room: RoomName,
+    since: EventId,
+    events: Vec<Arc<Event>>,
+    /// False when history no longer reaches back to the requested id (or
+    /// holds more than [`MAX_REPLAY`] events after it): the client must
+    /// refetch its state.
+    pub recovered: bool,
+}
+
+impl Resume {
+    /// Queues the missed events for the session, then lets live frames
+    /// through (those held meanwhile that are newer). Returns how many
+    /// events were replayed.
+    pub fn replay(self, session: &Session) -> usize {
+        let mut last = self.since;
+        let mut replayed = 0;
+        for event in &self.events {
+            last = last.max(event.id);
+            if !event.audience.is_empty() && !event.audience_allows(&session.roles) {
+                continue;
+            }
+            if event.excludes(&session.user, &session.id) {
+                continue;
+            }
+            if let Some(frame) = session.renderer.render(event, &self.room) {
+                let _ = session.outbox.push(frame);
+                replayed += 1;
+            }
+        }
+        session.end_replay(&self.room, last);
+        replayed
+    }
+}
+
+impl Hub {
+    /// Reads `key`'s history after `since`, page by page, up to [`MAX_REPLAY`].
+    async fn read_history(
+        &self,
+        key: &RoomKey,
+        since: EventId,
+    ) -> Result<(Vec<Arc<Event>>, bool), BrokerError> {
+        let mut events = Vec::new();
+        let mut cursor = since;
+        let mut recovered = true;
+        loop {
+            let page = self.broker().history_since(key, cursor, PAGE).await?;
+            recovered &= page.recovered;
+            if let Some(last) = page.events.last() {
+                cursor = last.id;
+            }
+            events.extend(page.events);
+            if !page.more {
+                break;
+            }
+            if events.len() >= MAX_REPLAY {
+                recovered = false;
+                break;
+            }
+        }
+        Ok((events, recovered))
+    }
+
+    /// Refills a room from history after a broker reconnect, then releases
+    /// the live events that waited meanwhile; each event once, in order.
+    async fn refill(&self, key: &RoomKey, since: EventId) {
+        let history = if since == EventId::ZERO {
+            // Nothing was delivered here before the outage: nothing to refill.
+            Ok((Vec::new(), true))
+        } else {
+            self.read_history(key, since).await
+        };
+        let mut shard = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
+        let Some(room) = shard.get_mut(key) else {
+            return;
+        };
+        let waiting = room.resync.take().unwrap_or_default();
+        match history {
+            Ok((events, _)) => {
+                for event in &events {
+                    self.fan_out_locked(key, room, event);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(room = %key, error = %e, "history refill failed; live delivery resumes with a gap")
+            }
+        }
+        for event in &waiting {
+            self.fan_out_locked(key, room, event);
+        }
+    }
+
+    /// Joins `room` and reads what the session missed after `since`. Live
+    /// frames of the room are held from before the join until
+    /// [`Resume::replay`], so the switch to live has no gap and no duplicate.
+    /// The caller must call `replay` (it may first send a reply).
+    pub async fn join_resuming(
+        &self,
+        session: &Arc<Session>,
+        room: RoomName,
+        since: EventId,
+    ) -> Result<Resume, BrokerError> {
+        session.begin_replay(&room);
+        if let Err(e) = self.join(session, room.clone()).await {
+            session.end_replay(&room, EventId::ZERO);
+            return Err(e);
+        }
+        let key = RoomKey::new(session.tenant.clone(), room.clone());
+        match self.read_history(&key, since).await {
+            Ok((events, recovered)) => Ok(Resume {
+                room,
+                since,
+                events,
+                recovered,
+            }),
+            Err(e) => {
+                session.end_replay(&room, EventId::ZERO);
+                Err(e)
+            }
+        }
     }
 }

@@ -27,7 +27,7 @@ pub mod ws;
 pub use config::Config;
 pub use dialect::{Accepted, Connection, Dialect, Inbound, JoinError, Refusal, SessionCtx};
 pub use disconnect::Disconnect;
-pub use hub::{Hub, Joined};
+pub use hub::{Hub, Joined, Resume, MAX_REPLAY};
 pub use metrics::prometheus;
 pub use native::Format;
 pub use node::{history_policy, Node, NodeError};

@@ -11,7 +11,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use roomcast_auth::Decision;
 use roomcast_protocol::native::{self, ClientMessage, Command, Denied, ErrorCode, Reply};
-use roomcast_protocol::{Event, RoomName};
+use roomcast_protocol::{Event, EventId, RoomName};
 
 use crate::dialect::{Accepted, Connection, Dialect, Inbound, Refusal, SessionCtx};
 use crate::disconnect::Disconnect;
@@ -225,6 +225,8 @@ impl NativeConnection {
         let max = ctx.node.config().limits.max_rooms_per_session;
         let mut ok = Vec::new();
         let mut denied = Vec::new();
+        let mut recovered = BTreeMap::new();
+        let mut resumes = Vec::new();
         for raw in rooms {
             let room: RoomName = match raw.parse() {
                 Ok(r) => r,
@@ -255,22 +257,44 @@ impl NativeConnection {
                 });
                 continue;
             }
-            match ctx.join(room, max).await {
-                Ok(_) => ok.push(raw),
-                Err(e) => denied.push(Denied {
+            let Some(position) = since.get(&raw) else {
+                match ctx.join(room, max).await {
+                    Ok(_) => ok.push(raw),
+                    Err(e) => denied.push(Denied {
+                        room: raw,
+                        code: e.code(),
+                    }),
+                }
+                continue;
+            };
+            let Ok(position) = position.parse::<EventId>() else {
+                denied.push(Denied {
                     room: raw,
-                    code: e.code(),
-                }),
+                    code: ErrorCode::InvalidMessage,
+                });
+                continue;
+            };
+            match ctx
+                .node
+                .hub()
+                .join_resuming(&ctx.session, room, position)
+                .await
+            {
+                Ok(resume) => {
+                    recovered.insert(raw.clone(), resume.recovered);
+                    resumes.push(resume);
+                    ok.push(raw);
+                }
+                Err(e) => {
+                    tracing::warn!(session = %ctx.session.id, error = %e, "resume failed");
+                    denied.push(Denied {
+                        room: raw,
+                        code: ErrorCode::InternalError,
+                    });
+                }
             }
         }
-        // Resume from history is not wired yet: a room asked to resume says
-        // `recovered: false`, so the client refetches instead of assuming
-        // there was no gap.
-        let recovered = since
-            .keys()
-            .filter(|r| ok.contains(r))
-            .map(|r| (r.clone(), false))
-            .collect();
+        // The reply first, then the missed events, then live ones.
         self.send(
             ctx,
             &Reply::Subscribed {
@@ -280,6 +304,9 @@ impl NativeConnection {
             },
             reference,
         );
+        for resume in resumes {
+            resume.replay(&ctx.session);
+        }
     }
 
     async fn unsubscribe(&self, ctx: &SessionCtx, rooms: Vec<String>, reference: Option<&str>) {

@@ -2,10 +2,11 @@
 //! its outbound queue and its rooms. Transports own the socket; the hub only
 //! ever holds an `Arc<Session>` and pushes into its [`Outbox`].
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use roomcast_protocol::{Event, RoomName, SessionId, TenantId, UserId};
+use roomcast_protocol::{Event, EventId, RoomName, SessionId, TenantId, UserId};
 
 use crate::outbox::Outbox;
 
@@ -41,6 +42,17 @@ pub struct Session {
     /// Rooms joined, in join order: for the per-session limit, for cleanup at
     /// disconnect and to deliver a multi-room event once.
     pub(crate) rooms: Mutex<Vec<RoomName>>,
+    /// Rooms being replayed from history: live frames of those rooms wait
+    /// here until the replay has been queued, so the switch to live has no
+    /// gap and no duplicate.
+    replays: Mutex<Vec<Replay>>,
+    /// Fast check on the delivery path: most sessions never replay.
+    replaying: AtomicBool,
+}
+
+struct Replay {
+    room: RoomName,
+    held: Vec<(EventId, Bytes)>,
 }
 
 impl Session {
@@ -60,6 +72,57 @@ impl Session {
             renderer,
             outbox,
             rooms: Mutex::new(Vec::new()),
+            replays: Mutex::new(Vec::new()),
+            replaying: AtomicBool::new(false),
+        }
+    }
+
+    fn replays(&self) -> std::sync::MutexGuard<'_, Vec<Replay>> {
+        self.replays.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts holding live frames of `room` (before joining it).
+    pub(crate) fn begin_replay(&self, room: &RoomName) {
+        let mut replays = self.replays();
+        if !replays.iter().any(|r| &r.room == room) {
+            replays.push(Replay {
+                room: room.clone(),
+                held: Vec::new(),
+            });
+        }
+        self.replaying.store(true, Ordering::Release);
+    }
+
+    /// Holds a live frame when `room` is replaying; gives it back otherwise.
+    pub(crate) fn hold_if_replaying(&self, room: &RoomName, id: EventId, frame: &Bytes) -> bool {
+        if !self.replaying.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut replays = self.replays();
+        match replays.iter_mut().find(|r| &r.room == room) {
+            Some(r) => {
+                r.held.push((id, frame.clone()));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends the replay of `room`: queues the held live frames newer than
+    /// `last` (ephemeral ones, without an id, always), then lets live frames
+    /// through. Runs under the replay lock, so no live frame slips between.
+    pub(crate) fn end_replay(&self, room: &RoomName, last: EventId) {
+        let mut replays = self.replays();
+        if let Some(pos) = replays.iter().position(|r| &r.room == room) {
+            let replay = replays.swap_remove(pos);
+            for (id, frame) in replay.held {
+                if id == EventId::ZERO || id > last {
+                    let _ = self.outbox.push(frame);
+                }
+            }
+        }
+        if replays.is_empty() {
+            self.replaying.store(false, Ordering::Release);
         }
     }
 
