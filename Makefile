@@ -41,3 +41,20 @@ build:
 
 clean:
 	$(CARGO) clean
+
+## Benchmarks: loadtest/bench (its own workspace) runs real nodes and a real
+## redis-server on loopback; see docs/performance.md. BENCH_ARGS passes options.
+BENCH := loadtest/bench/target/release/roomcast-bench
+BENCH_ARGS ?=
+
+.PHONY: bench bench-cluster bench-tool
+bench-tool: build test-deps
+	cd loadtest/bench && $(CARGO) build --release
+
+## The standard set (idle, connect-storm, fanout + floor, broadcast, rate sweep), a few minutes.
+bench: bench-tool
+	$(BENCH) run --server-bin target/release/roomcast --json target/bench.json $(BENCH_ARGS)
+
+## 3 nodes + Redis, 10,000 connections over 100 rooms, fixed rate.
+bench-cluster: bench-tool
+	$(BENCH) run cluster --server-bin target/release/roomcast --json target/bench-cluster.json $(BENCH_ARGS)

@@ -160,6 +160,10 @@ impl Broker for RedisBroker {
         Some(self)
     }
 
+    fn counters(&self) -> Option<&dyn roomcast_broker::Counters> {
+        Some(self)
+    }
+
     fn kind(&self) -> &'static str {
         if self.sharded() {
             "redis-cluster"

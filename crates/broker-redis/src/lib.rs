@@ -18,6 +18,9 @@
 //!   so joins, leaves and lapses are decided atomically per room; a registry
 //!   sharded over [`PRESENCE_REGISTRY_SHARDS`] keys lets any node's sweep
 //!   find the rooms with lapsed sessions.
+//! * Counters (`impl roomcast_broker::Counters for RedisBroker`): one
+//!   fixed-window key per counter and window, `<prefix>{ctr:<key>}:<n>`,
+//!   counted by [`HIT_SCRIPT`] (`INCR` + `PEXPIRE`, atomically).
 //!
 //! Depends on `roomcast-broker` and `roomcast-protocol` only; knows nothing
 //! of sockets, sessions or dialects.
@@ -26,6 +29,7 @@ mod actor;
 mod broker;
 mod commands;
 mod config;
+mod counters;
 mod history;
 mod link;
 mod names;
@@ -37,5 +41,6 @@ mod topology;
 
 pub use broker::{parse_room_channel, publish_direct, room_channel, room_stream, RedisBroker};
 pub use config::{ConfigError, RedisConfig, RedisMode};
+pub use counters::{counter_key, HIT_SCRIPT};
 pub use presence::{PRESENCE_KEY_GRACE, PRESENCE_REGISTRY_SHARDS};
 pub use script::{publish_script_sha, PUBLISH_SCRIPT};

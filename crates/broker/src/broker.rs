@@ -134,4 +134,10 @@ pub trait Broker: Send + Sync + 'static {
     fn presence(&self) -> Option<&dyn crate::Presence> {
         None
     }
+
+    /// The broker's cluster-wide counters, when it has them (see
+    /// [`crate::Counters`]): rate limits that hold across every node.
+    fn counters(&self) -> Option<&dyn crate::Counters> {
+        None
+    }
 }

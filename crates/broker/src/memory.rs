@@ -31,6 +31,7 @@ struct Shard {
 pub struct MemoryBroker {
     shards: Box<[Mutex<Shard>]>,
     presence: crate::presence::MemoryPresence,
+    counters: crate::counters::MemoryCounters,
     policy: HistoryPolicy,
     sink: OnceLock<Arc<dyn EventSink>>,
     clock: Mutex<EventId>,
@@ -48,6 +49,7 @@ impl MemoryBroker {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             presence: crate::presence::MemoryPresence::default(),
+            counters: crate::counters::MemoryCounters::default(),
             policy,
             sink: OnceLock::new(),
             clock: Mutex::new(EventId::ZERO),
@@ -211,6 +213,10 @@ impl Broker for MemoryBroker {
 
     fn presence(&self) -> Option<&dyn crate::Presence> {
         Some(&self.presence)
+    }
+
+    fn counters(&self) -> Option<&dyn crate::Counters> {
+        Some(&self.counters)
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Config {
     pub broker: BrokerSettings,
     /// Which protocols the node serves, and on which paths.
     pub dialects: Dialects,
+    /// Who is in which room, across the cluster.
+    pub presence: PresenceSettings,
     /// Time over which SIGTERM closes sockets (1001), spread so clients do
     /// not all reconnect at once.
     #[serde(with = "duration")]
@@ -60,6 +62,7 @@ impl Default for Config {
             publish: PublishSettings::default(),
             broker: BrokerSettings::default(),
             dialects: Dialects::default(),
+            presence: PresenceSettings::default(),
             drain_window: Duration::from_secs(10),
             unsubscribe_delay: Duration::from_millis(500),
         }
@@ -92,6 +95,10 @@ pub struct Limits {
     pub outbound_queue_frames: usize,
     /// Bytes queued for one session before it counts as a slow consumer.
     pub outbound_queue_bytes: usize,
+    /// Signals (typing, ...) one session may send per `signal_window`.
+    pub signal_messages: u32,
+    #[serde(with = "duration")]
+    pub signal_window: Duration,
 }
 
 impl Default for Limits {
@@ -107,6 +114,8 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             outbound_queue_frames: 1024,
             outbound_queue_bytes: 4 * 1024 * 1024,
+            signal_messages: 20,
+            signal_window: Duration::from_secs(10),
         }
     }
 }
@@ -235,6 +244,17 @@ pub struct BrokerSettings {
     /// Oldest event kept per room.
     #[serde(with = "duration")]
     pub history_max_age: Duration,
+    /// Caps for particular room kinds (e.g. `task`), overriding the two above.
+    pub history_kinds: std::collections::BTreeMap<String, HistoryKindCap>,
+}
+
+/// A room kind's own history cap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryKindCap {
+    pub max_len: usize,
+    #[serde(with = "duration")]
+    pub max_age: Duration,
 }
 
 impl Default for BrokerSettings {
@@ -245,6 +265,36 @@ impl Default for BrokerSettings {
             prefix: "rc:".into(),
             history_max_len: 1000,
             history_max_age: Duration::from_secs(3600),
+            history_kinds: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+/// Presence: per-session entries in the broker that lapse unless refreshed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PresenceSettings {
+    /// Room kinds whose members are tracked (`task`, `conversation`, ...);
+    /// tracking costs a broker write per join, leave and heartbeat.
+    pub kinds: Vec<String>,
+    /// An entry lapses this long after its last heartbeat.
+    #[serde(with = "duration")]
+    pub ttl: Duration,
+    /// How often a node refreshes its sessions' entries.
+    #[serde(with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// How often a node sweeps lapsed entries (emitting `presence.left`).
+    #[serde(with = "duration")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for PresenceSettings {
+    fn default() -> Self {
+        Self {
+            kinds: vec!["task".into(), "conversation".into()],
+            ttl: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_secs(20),
+            sweep_interval: Duration::from_secs(5),
         }
     }
 }
@@ -254,6 +304,11 @@ impl Default for BrokerSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct Dialects {
     pub native: NativeSettings,
+    pub seed000: crate::dialects::seed000::Settings,
+    pub seed001: crate::dialects::seed001::Settings,
+    pub seed002: crate::dialects::seed002::Settings,
+    pub seed003: crate::dialects::seed003::Settings,
+    pub seed004: crate::dialects::seed004::Settings,
 }
 
 /// The native protocol (docs/protocol.md).
@@ -263,6 +318,17 @@ pub struct NativeSettings {
     pub enabled: bool,
     /// WebSocket endpoint.
     pub ws_path: String,
+    /// Server-Sent Events fallback (`?rooms=a,b`, `Last-Event-ID` resumes).
+    pub sse_path: String,
+    /// Long-poll fallback (`?rooms=a,b&since=<id>`): a JSON array of events.
+    pub poll_path: String,
+    /// Interval of SSE heartbeat comments, which keep proxies from closing
+    /// an idle stream.
+    #[serde(with = "duration")]
+    pub sse_heartbeat: Duration,
+    /// How long a long-poll with nothing to return waits for a live event.
+    #[serde(with = "duration")]
+    pub poll_wait: Duration,
 }
 
 impl Default for NativeSettings {
@@ -270,6 +336,10 @@ impl Default for NativeSettings {
         Self {
             enabled: true,
             ws_path: "/v1/ws".into(),
+            sse_path: "/v1/sse".into(),
+            poll_path: "/v1/poll".into(),
+            sse_heartbeat: Duration::from_secs(15),
+            poll_wait: Duration::from_secs(25),
         }
     }
 }
@@ -308,6 +378,13 @@ impl Config {
             }
             "HS256" | "RS256" | "ES256" => {}
             _ => return err("auth.algorithm must be HS256, RS256 or ES256"),
+        }
+        let p = &self.presence;
+        if p.heartbeat_interval.is_zero()
+            || p.heartbeat_interval >= p.ttl
+            || p.sweep_interval.is_zero()
+        {
+            return err("presence.heartbeat_interval must be positive and shorter than presence.ttl; sweep_interval positive");
         }
         if self.broker.redis.is_some() && !self.broker.redis_cluster.is_empty() {
             return err("set broker.redis or broker.redis_cluster, not both");

@@ -48,6 +48,21 @@ impl Disconnect {
         reconnect: true,
         label: "token_expired",
     };
+    /// A session (cookie) that no longer validates, or whose user or role
+    /// changed: sign in again, or reconnect to pick up the new role.
+    pub const SESSION_EXPIRED: Disconnect = Disconnect {
+        code: 4401,
+        reason: "session expired or invalid",
+        reconnect: false,
+        label: "session_expired",
+    };
+    /// No application-level PONG within the heartbeat timeout.
+    pub const HEARTBEAT_TIMEOUT: Disconnect = Disconnect {
+        code: 4000,
+        reason: "no PONG within the heartbeat timeout",
+        reconnect: true,
+        label: "heartbeat_timeout",
+    };
     /// Nothing received within the idle timeout (pongs included).
     pub const IDLE_TIMEOUT: Disconnect = Disconnect {
         code: 4000,
@@ -61,6 +76,13 @@ impl Disconnect {
         reason: "protocol error",
         reconnect: false,
         label: "protocol_error",
+    };
+    /// Text that is not UTF-8.
+    pub const INVALID_PAYLOAD: Disconnect = Disconnect {
+        code: 1007,
+        reason: "invalid UTF-8 in a text message",
+        reconnect: false,
+        label: "invalid_payload",
     };
     /// A frame of the wrong kind for the negotiated format (binary on JSON, text on protobuf).
     pub const UNSUPPORTED_DATA: Disconnect = Disconnect {

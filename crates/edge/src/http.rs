@@ -11,17 +11,85 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use roomcast_protocol::native::ErrorCode;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use crate::node::Node;
 
 pub(crate) type Body = Full<Bytes>;
+
+/// A body streamed after the head (SSE). The dialect seam answers with a
+/// [`Body`] (a whole body); a streaming transport puts its chunks' receiver
+/// in the response's extensions with [`streaming`], and [`serve_connection`]
+/// swaps it in for the (empty) whole body.
+#[derive(Clone)]
+struct StreamSource(Arc<std::sync::Mutex<Option<mpsc::Receiver<Bytes>>>>);
+
+/// A response whose body is every chunk received on `chunks` until its
+/// sender is dropped. Dropping the receiver (client gone) closes the channel.
+pub(crate) fn streaming(
+    mut response: Response<Body>,
+    chunks: mpsc::Receiver<Bytes>,
+) -> Response<Body> {
+    response
+        .extensions_mut()
+        .insert(StreamSource(Arc::new(std::sync::Mutex::new(Some(chunks)))));
+    response
+}
+
+/// What goes on the wire: a whole body, or a stream of chunks.
+enum WireBody {
+    Whole(Body),
+    Stream(mpsc::Receiver<Bytes>),
+}
+
+impl hyper::body::Body for WireBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        match self.get_mut() {
+            WireBody::Whole(b) => std::pin::Pin::new(b).poll_frame(cx),
+            WireBody::Stream(rx) => rx
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|c| Ok(hyper::body::Frame::data(c)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            WireBody::Whole(b) => b.is_end_stream(),
+            WireBody::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            WireBody::Whole(b) => b.size_hint(),
+            WireBody::Stream(_) => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
+fn into_wire(mut response: Response<Body>) -> Response<WireBody> {
+    let stream = response
+        .extensions_mut()
+        .remove::<StreamSource>()
+        .and_then(|s| s.0.lock().unwrap_or_else(|p| p.into_inner()).take());
+    match stream {
+        Some(rx) => response.map(|_| WireBody::Stream(rx)),
+        None => response.map(WireBody::Whole),
+    }
+}
 
 /// Serves one TCP connection (HTTP/1.1 with upgrades).
 pub(crate) async fn serve_connection(node: Arc<Node>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let service = hyper::service::service_fn(move |req| {
         let node = node.clone();
-        async move { Ok::<_, Infallible>(route(node, req, peer).await) }
+        async move { Ok::<_, Infallible>(into_wire(route(node, req, peer).await)) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(stream), service)
@@ -88,4 +156,56 @@ pub(crate) fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> 
         status,
         &serde_json::json!({ "code": code, "message": message }),
     )
+}
+
+/// The first value of query parameter `name`, percent-decoded
+/// (`application/x-www-form-urlencoded`); `None` when absent or undecodable.
+pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if percent_decode(k)? != name {
+            return None;
+        }
+        percent_decode(v)
+    })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_params_are_decoded() {
+        let q = Some("rooms=team%3A42,task:t1&since=1-0&e=");
+        assert_eq!(query_param(q, "rooms").as_deref(), Some("team:42,task:t1"));
+        assert_eq!(query_param(q, "since").as_deref(), Some("1-0"));
+        assert_eq!(query_param(q, "e").as_deref(), Some(""));
+        assert_eq!(query_param(q, "x"), None);
+        assert_eq!(query_param(Some("a=%zz"), "a"), None);
+        assert_eq!(query_param(None, "a"), None);
+    }
 }

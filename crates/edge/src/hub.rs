@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use metrics::{Counter, Gauge, Histogram};
-use roomcast_broker::{Broker, BrokerError, EventSink};
+use roomcast_broker::{Broker, BrokerError, EventSink, PresenceChange, PresenceEntry};
 use roomcast_protocol::{Event, EventId, RoomKey, RoomName};
 
 use crate::outbox::PushError;
@@ -43,6 +43,14 @@ struct Rendered {
     coalesce: Option<(String, Duration)>,
 }
 
+/// Which rooms' members are tracked in the broker's presence store.
+#[derive(Debug, Clone)]
+pub struct PresenceTracking {
+    pub kinds: Vec<String>,
+    pub ttl: Duration,
+    pub node: roomcast_protocol::NodeId,
+}
+
 /// The result of a join.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Joined {
@@ -67,6 +75,7 @@ pub struct Hub {
     shards: Box<[RwLock<HashMap<RoomKey, Room>>]>,
     stripes: Box<[tokio::sync::Mutex<()>]>,
     broker: OnceLock<Arc<dyn Broker>>,
+    presence: OnceLock<PresenceTracking>,
     unsubscribe_delay: Duration,
     metrics: HubMetrics,
 }
@@ -91,6 +100,7 @@ impl Hub {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             broker: OnceLock::new(),
+            presence: OnceLock::new(),
             unsubscribe_delay,
             metrics: HubMetrics {
                 events_in: metrics::counter!("roomcast_events_in_total"),
@@ -111,6 +121,18 @@ impl Hub {
     /// Connects the hub to its broker; only the first call counts.
     pub fn attach(&self, broker: Arc<dyn Broker>) {
         let _ = self.broker.set(broker);
+    }
+
+    /// Turns presence tracking on; only the first call counts.
+    pub fn track_presence(&self, tracking: PresenceTracking) {
+        let _ = self.presence.set(tracking);
+    }
+
+    /// Whether members of `room` are tracked in presence.
+    pub fn tracks_presence(&self, room: &RoomName) -> bool {
+        self.presence.get().is_some_and(|p| {
+            self.broker().presence().is_some() && p.kinds.iter().any(|k| k == room.kind())
+        })
     }
 
     fn broker(&self) -> &Arc<dyn Broker> {
@@ -160,9 +182,110 @@ impl Hub {
             entry.subscribed = true;
             entry.members.push(session.clone());
         }
-        session.rooms().push(room);
+        session.rooms().push(room.clone());
         self.metrics.subscriptions.increment(1.0);
+        if self.tracks_presence(&room) {
+            self.presence_refresh(session, &RoomKey::new(session.tenant.clone(), room))
+                .await;
+        }
         Ok(Joined::New)
+    }
+
+    /// Adds or refreshes the session's presence entry in `key`; the user's
+    /// first session announces `presence.joined` to the room.
+    pub(crate) async fn presence_refresh(&self, session: &Session, key: &RoomKey) {
+        let (Some(tracking), Some(store)) = (self.presence.get(), self.broker().presence()) else {
+            return;
+        };
+        let now = now_ms();
+        let entry = PresenceEntry {
+            session: session.id.clone(),
+            user: session.user.clone(),
+            node: tracking.node.clone(),
+            connected_at: session.connected_at,
+            last_seen: now,
+            user_agent: session.user_agent().cloned(),
+        };
+        match store.upsert(key, entry, tracking.ttl, now).await {
+            Ok(PresenceChange::UserJoined) => {
+                let data = serde_json::json!({
+                    "user": session.user.as_str(),
+                    "session": session.id.as_str(),
+                    "node": tracking.node.as_str(),
+                });
+                // The joiner knows it joined; the others learn it.
+                self.announce(
+                    key,
+                    "presence.joined",
+                    &session.user,
+                    &data,
+                    Some(&session.id),
+                )
+                .await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(room = %key, error = %e, "presence refresh failed"),
+        }
+    }
+
+    async fn presence_remove(&self, session: &Session, key: &RoomKey) {
+        let Some(store) = self.broker().presence() else {
+            return;
+        };
+        match store.remove(key, &session.id, now_ms()).await {
+            Ok(PresenceChange::UserLeft) => {
+                let data = serde_json::json!({ "user": session.user.as_str() });
+                self.announce(key, "presence.left", &session.user, &data, None)
+                    .await;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(room = %key, error = %e, "presence remove failed"),
+        }
+    }
+
+    /// Publishes an ephemeral presence event to one room.
+    pub(crate) async fn announce(
+        &self,
+        key: &RoomKey,
+        kind: &str,
+        user: &roomcast_protocol::UserId,
+        data: &serde_json::Value,
+        except: Option<&roomcast_protocol::SessionId>,
+    ) {
+        let event = Event {
+            id: EventId::ZERO,
+            tenant: key.tenant.clone(),
+            rooms: vec![key.room.clone()],
+            kind: Arc::from(kind),
+            ts: now_ms(),
+            actor: Some(Arc::from(user.as_str())),
+            version: None,
+            audience: Vec::new(),
+            exclude_users: Vec::new(),
+            exclude_sessions: except.into_iter().cloned().collect(),
+            body: roomcast_protocol::Body::from_value(data),
+        };
+        if let Err(e) = self.broker().publish_ephemeral(event).await {
+            tracing::warn!(room = %key, error = %e, kind, "presence announcement failed");
+        }
+    }
+
+    /// Sweeps lapsed presence entries (a crashed node's sessions) and
+    /// announces `presence.left` for users with no session left.
+    pub async fn sweep_presence(&self) {
+        let Some(store) = self.broker().presence() else {
+            return;
+        };
+        match store.expire(now_ms()).await {
+            Ok(lapsed) => {
+                for (key, user) in lapsed {
+                    let data = serde_json::json!({ "user": user.as_str() });
+                    self.announce(&key, "presence.left", &user, &data, None)
+                        .await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "presence sweep failed"),
+        }
     }
 
     /// Removes the session from `room`; returns whether it was a member.
@@ -189,6 +312,9 @@ impl Hub {
             }
         };
         self.metrics.subscriptions.decrement(1.0);
+        if self.tracks_presence(room) {
+            self.presence_remove(session, &key).await;
+        }
         if now_empty {
             if self.unsubscribe_delay.is_zero() {
                 self.release_if_empty(&key).await;
@@ -431,7 +557,19 @@ impl Hub {
             // Nothing was delivered here before the outage: nothing to refill.
             Ok((Vec::new(), true))
         } else {
-            self.read_history(key, since).await
+            // Right after a reconnect the command path may still be failing
+            // over: retry briefly before giving up on the gap.
+            let mut backoff =
+                roomcast_broker::Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+            loop {
+                match self.read_history(key, since).await {
+                    Err(e) if backoff.attempts() < 8 => {
+                        tracing::debug!(room = %key, error = %e, "history refill failed; retrying");
+                        tokio::time::sleep(backoff.next_delay()).await;
+                    }
+                    result => break result,
+                }
+            }
         };
         let mut shard = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
         let Some(room) = shard.get_mut(key) else {

@@ -19,10 +19,13 @@ mod metrics;
 mod native;
 mod node;
 mod outbox;
+mod poll;
 mod publish;
 mod ratelimit;
 mod session;
+mod sse;
 pub mod ws;
+mod wsread;
 
 pub use config::Config;
 pub use dialect::{Accepted, Connection, Dialect, Inbound, JoinError, Refusal, SessionCtx};

@@ -9,9 +9,11 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
-use roomcast_auth::Decision;
-use roomcast_protocol::native::{self, ClientMessage, Command, Denied, ErrorCode, Reply};
-use roomcast_protocol::{Event, EventId, RoomName};
+use roomcast_auth::{Decision, Identity};
+use roomcast_protocol::native::{
+    self, ClientMessage, Command, Denied, ErrorCode, PresenceSession, PresenceUser, Reply,
+};
+use roomcast_protocol::{Event, EventId, RoomKey, RoomName};
 
 use crate::dialect::{Accepted, Connection, Dialect, Inbound, Refusal, SessionCtx};
 use crate::disconnect::Disconnect;
@@ -95,6 +97,13 @@ pub(crate) struct NativeDialect {
     ws_path: String,
     json: Arc<dyn Renderer>,
     proto: Arc<dyn Renderer>,
+    /// The SSE and long-poll fallbacks (docs/protocol.md, "Fallback transports").
+    sse_path: String,
+    poll_path: String,
+    sse_heartbeat: std::time::Duration,
+    poll_wait: std::time::Duration,
+    sse: Arc<dyn Renderer>,
+    poll: Arc<dyn Renderer>,
 }
 
 impl NativeDialect {
@@ -106,7 +115,147 @@ impl NativeDialect {
             ws_path: config.ws_path.clone(),
             json: Arc::new(NativeRenderer::new(Format::Json, slots.allocate())),
             proto: Arc::new(NativeRenderer::new(Format::Proto, slots.allocate())),
+            sse_path: config.sse_path.clone(),
+            poll_path: config.poll_path.clone(),
+            sse_heartbeat: config.sse_heartbeat,
+            poll_wait: config.poll_wait,
+            sse: Arc::new(crate::sse::SseRenderer::new(slots.allocate(), |e, r| {
+                Some(native::render_event_json(e, r.as_str()))
+            })),
+            poll: Arc::new(crate::poll::ItemRenderer::new(slots.allocate(), |e, r| {
+                Some(native::render_event_json(e, r.as_str()))
+            })),
         }
+    }
+
+    /// The token of the request (`Authorization: Bearer`, `?token=`, the
+    /// cookie), verified.
+    fn authenticate(node: &Node, parts: &http::request::Parts) -> Result<Identity, Refusal> {
+        let token = roomcast_auth::token_from_request(parts, Some(&node.config().auth.cookie_name));
+        match token.as_deref().map(|t| node.verifier().verify(t)) {
+            Some(Ok(identity)) => Ok(identity),
+            Some(Err(e)) => Err(Refusal::unauthenticated(&e)),
+            None => Err(Refusal::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::AuthenticationFailed,
+                "no token: send Authorization: Bearer, ?token= or the cookie",
+                "missing_token",
+            )),
+        }
+    }
+
+    /// Who the fallback request is and which rooms (`?rooms=a,b`) it may
+    /// read: every room must parse and be authorised, or the request is
+    /// refused (400/403) before anything streams.
+    async fn fallback_rooms(
+        node: &Node,
+        parts: &http::request::Parts,
+    ) -> Result<(Identity, Vec<RoomName>), Refusal> {
+        let identity = Self::authenticate(node, parts)?;
+        let bad = |code, message: String, reason| {
+            Refusal::new(StatusCode::BAD_REQUEST, code, message, reason)
+        };
+        let raw = crate::http::query_param(parts.uri.query(), "rooms").unwrap_or_default();
+        let mut rooms: Vec<RoomName> = Vec::new();
+        for name in raw.split(',').map(str::trim).filter(|r| !r.is_empty()) {
+            let room: RoomName = name.parse().map_err(|_| {
+                bad(
+                    ErrorCode::InvalidRoom,
+                    format!("not a room name: {name}"),
+                    "invalid_room",
+                )
+            })?;
+            if !rooms.contains(&room) {
+                rooms.push(room);
+            }
+        }
+        if rooms.is_empty() {
+            return Err(bad(
+                ErrorCode::InvalidMessage,
+                "`rooms` must name at least one room (?rooms=team:42,task:t1)".into(),
+                "no_rooms",
+            ));
+        }
+        let max = node.config().limits.max_rooms_per_session;
+        if rooms.len() > max {
+            return Err(bad(
+                ErrorCode::SubscriptionLimit,
+                format!("at most {max} rooms per session"),
+                "subscription_limit",
+            ));
+        }
+        for room in &rooms {
+            if let Decision::Deny(reason) = node.authorizer().authorize(&identity, room).await {
+                let status = match reason.error_code() {
+                    ErrorCode::InternalError => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::FORBIDDEN,
+                };
+                return Err(Refusal::new(
+                    status,
+                    reason.error_code(),
+                    format!("{room}: {reason}"),
+                    "room_denied",
+                ));
+            }
+        }
+        Ok((identity, rooms))
+    }
+
+    async fn accept_sse(
+        &self,
+        node: Arc<Node>,
+        parts: http::request::Parts,
+    ) -> Result<crate::sse::SseAccepted, Refusal> {
+        let (identity, rooms) = Self::fallback_rooms(&node, &parts).await?;
+        let since = crate::sse::last_event_id(&parts)?;
+        Ok(crate::sse::SseAccepted {
+            identity,
+            renderer: self.sse.clone(),
+            rooms,
+            since,
+            heartbeat: self.sse_heartbeat,
+            limits: node.config().limits.clone(),
+            transport: "sse",
+            opening: Some(Box::new(|opened: &crate::sse::Opened| {
+                let reply = Reply::Subscribed {
+                    rooms: opened.rooms.iter().map(|r| r.to_string()).collect(),
+                    denied: Vec::new(),
+                    recovered: opened.recovered.clone(),
+                };
+                Some(crate::sse::sse_event(
+                    None,
+                    None,
+                    reply.to_json(None).as_bytes(),
+                ))
+            })),
+        })
+    }
+
+    async fn accept_poll(
+        &self,
+        node: Arc<Node>,
+        parts: http::request::Parts,
+    ) -> Result<crate::poll::PollAccepted, Refusal> {
+        let (identity, rooms) = Self::fallback_rooms(&node, &parts).await?;
+        let since = match crate::http::query_param(parts.uri.query(), "since").as_deref() {
+            None | Some("") => None,
+            Some(s) => Some(s.parse::<EventId>().map_err(|_| {
+                Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::InvalidMessage,
+                    "`since` must be an event id <ms>-<seq>",
+                    "bad_since",
+                )
+            })?),
+        };
+        Ok(crate::poll::PollAccepted {
+            identity,
+            renderer: self.poll.clone(),
+            rooms,
+            since,
+            wait: self.poll_wait,
+            limits: node.config().limits.clone(),
+        })
     }
 
     async fn accept(
@@ -114,20 +263,7 @@ impl NativeDialect {
         node: Arc<Node>,
         parts: http::request::Parts,
     ) -> Result<Accepted, Refusal> {
-        let token =
-            roomcast_auth::token_from_request(&parts, Some(&node.config().auth.cookie_name));
-        let identity = match token.as_deref().map(|t| node.verifier().verify(t)) {
-            Some(Ok(identity)) => identity,
-            Some(Err(e)) => return Err(Refusal::unauthenticated(&e)),
-            None => {
-                return Err(Refusal::new(
-                    StatusCode::UNAUTHORIZED,
-                    ErrorCode::AuthenticationFailed,
-                    "no token: send Authorization: Bearer, ?token= or the cookie",
-                    "missing_token",
-                ))
-            }
-        };
+        let identity = Self::authenticate(&node, &parts)?;
         let offer = parts
             .headers
             .get(http::header::SEC_WEBSOCKET_PROTOCOL)
@@ -148,7 +284,14 @@ impl NativeDialect {
                 Format::Proto => self.proto.clone(),
             },
             subprotocol: negotiated.map(Format::subprotocol),
-            connection: Box::new(NativeConnection { format }),
+            connection: Box::new(NativeConnection {
+                format,
+                signals: crate::ratelimit::RateLimiter::new(
+                    node.config().limits.signal_messages,
+                    node.config().limits.signal_window,
+                    u32::MAX,
+                ),
+            }),
             limits: node.config().limits.clone(),
             guard: None,
             transport: "ws",
@@ -163,7 +306,11 @@ impl Dialect for NativeDialect {
     }
 
     fn paths(&self) -> Vec<String> {
-        vec![self.ws_path.clone()]
+        vec![
+            self.ws_path.clone(),
+            self.sse_path.clone(),
+            self.poll_path.clone(),
+        ]
     }
 
     async fn handle(&self, node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
@@ -175,6 +322,13 @@ impl Dialect for NativeDialect {
             );
         }
         let n = node.clone();
+        let path = req.uri().path();
+        if path == self.sse_path {
+            return crate::sse::serve(node.clone(), req, |parts| self.accept_sse(n, parts)).await;
+        }
+        if path == self.poll_path {
+            return crate::poll::serve(node.clone(), req, |parts| self.accept_poll(n, parts)).await;
+        }
         crate::ws::upgrade(node.clone(), req, |parts| self.accept(n, parts)).await
     }
 }
@@ -182,6 +336,8 @@ impl Dialect for NativeDialect {
 /// One native session's protocol state.
 pub(crate) struct NativeConnection {
     format: Format,
+    /// Signals have their own, tighter budget than commands.
+    signals: crate::ratelimit::RateLimiter,
 }
 
 impl NativeConnection {
@@ -309,6 +465,162 @@ impl NativeConnection {
         }
     }
 
+    /// The subscribed room's present users, with their sessions.
+    async fn presence(&self, ctx: &SessionCtx, raw: &str, reference: Option<&str>) {
+        let Some(room) = self.member_room(ctx, raw, reference) else {
+            return;
+        };
+        if !ctx.node.hub().tracks_presence(&room) {
+            return self.send_error(
+                ctx,
+                ErrorCode::InvalidRoom,
+                format!("presence is not tracked for `{}` rooms", room.kind()),
+                reference,
+            );
+        }
+        let Some(store) = ctx.node.broker().presence() else {
+            return self.send_error(
+                ctx,
+                ErrorCode::InternalError,
+                "no presence store",
+                reference,
+            );
+        };
+        let key = RoomKey::new(ctx.session.tenant.clone(), room);
+        let entries = match store.members(&key, crate::hub::now_ms()).await {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "presence query failed");
+                return self.send_error(
+                    ctx,
+                    ErrorCode::InternalError,
+                    "presence unavailable; retry",
+                    reference,
+                );
+            }
+        };
+        let mut users: Vec<PresenceUser> = Vec::new();
+        for e in entries {
+            let session = PresenceSession {
+                session: e.session.to_string(),
+                node: e.node.to_string(),
+                connected_at: e.connected_at,
+                last_seen: e.last_seen,
+                user_agent: e.user_agent.as_deref().map(str::to_owned),
+            };
+            match users.iter_mut().find(|u| u.user == e.user.as_str()) {
+                Some(u) => u.sessions.push(session),
+                None => users.push(PresenceUser {
+                    user: e.user.to_string(),
+                    sessions: vec![session],
+                }),
+            }
+        }
+        self.send(
+            ctx,
+            &Reply::Presence {
+                room: raw.to_owned(),
+                users,
+            },
+            reference,
+        );
+    }
+
+    /// Relays an ephemeral signal to the room's other members: never stored.
+    async fn signal(
+        &mut self,
+        ctx: &SessionCtx,
+        raw: &str,
+        kind: &str,
+        data: Option<String>,
+        reference: Option<&str>,
+    ) {
+        let Some(room) = self.member_room(ctx, raw, reference) else {
+            return;
+        };
+        if self.signals.check(tokio::time::Instant::now()) != crate::ratelimit::Verdict::Allow {
+            let l = &ctx.node.config().limits;
+            return self.send_error(
+                ctx,
+                ErrorCode::RateLimitExceeded,
+                format!(
+                    "at most {} signals per {:?}",
+                    l.signal_messages, l.signal_window
+                ),
+                reference,
+            );
+        }
+        let kind = format!("signal.{kind}");
+        if kind.len() > roomcast_protocol::MAX_TYPE_LEN
+            || !kind
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b':' | b'-'))
+        {
+            return self.send_error(
+                ctx,
+                ErrorCode::InvalidMessage,
+                "signal `type` must be a short name of A-Z a-z 0-9 . _ : -",
+                reference,
+            );
+        }
+        let event = Event {
+            id: EventId::ZERO,
+            tenant: ctx.session.tenant.clone(),
+            rooms: vec![room],
+            kind: Arc::from(kind),
+            ts: crate::hub::now_ms(),
+            actor: Some(Arc::from(ctx.session.user.as_str())),
+            version: None,
+            audience: Vec::new(),
+            exclude_users: Vec::new(),
+            exclude_sessions: vec![ctx.session.id.clone()],
+            body: match data {
+                Some(text) => roomcast_protocol::Body::Json(Bytes::from(text)),
+                None => roomcast_protocol::Body::json_null(),
+            },
+        };
+        match ctx.node.broker().publish_ephemeral(event).await {
+            Ok(()) => self.send(ctx, &Reply::Signaled, reference),
+            Err(e) => {
+                tracing::warn!(error = %e, "signal relay failed");
+                self.send_error(
+                    ctx,
+                    ErrorCode::InternalError,
+                    "signal not relayed; retry",
+                    reference,
+                );
+            }
+        }
+    }
+
+    /// `raw` parsed as a room the session is subscribed to, or an error sent.
+    fn member_room(
+        &self,
+        ctx: &SessionCtx,
+        raw: &str,
+        reference: Option<&str>,
+    ) -> Option<RoomName> {
+        let Ok(room) = raw.parse::<RoomName>() else {
+            self.send_error(
+                ctx,
+                ErrorCode::InvalidRoom,
+                format!("`{raw}` is not a room name"),
+                reference,
+            );
+            return None;
+        };
+        if !ctx.session.in_room(&room) {
+            self.send_error(
+                ctx,
+                ErrorCode::AuthorizationFailed,
+                format!("subscribe to `{raw}` first"),
+                reference,
+            );
+            return None;
+        }
+        Some(room)
+    }
+
     async fn unsubscribe(&self, ctx: &SessionCtx, rooms: Vec<String>, reference: Option<&str>) {
         let mut left = Vec::new();
         let mut invalid = Vec::new();
@@ -398,6 +710,10 @@ impl Connection for NativeConnection {
                 },
                 reference,
             ),
+            Command::Presence { room } => self.presence(ctx, &room, reference).await,
+            Command::Signal { room, kind, data } => {
+                self.signal(ctx, &room, &kind, data, reference).await
+            }
         }
         Ok(())
     }

@@ -62,7 +62,20 @@ pub fn history_policy(config: &Config) -> HistoryPolicy {
             max_len: config.broker.history_max_len,
             max_age: config.broker.history_max_age,
         },
-        per_kind: HashMap::new(),
+        per_kind: config
+            .broker
+            .history_kinds
+            .iter()
+            .map(|(kind, cap)| {
+                (
+                    kind.clone(),
+                    HistoryCap {
+                        max_len: cap.max_len,
+                        max_age: cap.max_age,
+                    },
+                )
+            })
+            .collect(),
     }
 }
 
@@ -94,7 +107,7 @@ impl Node {
             .await
             .map_err(NodeError::Broker)?;
         hub.attach(broker.clone());
-        let id = match &config.node_id {
+        let id: NodeId = match &config.node_id {
             Some(id) => id
                 .parse()
                 .map_err(|e| crate::config::ConfigError(format!("node_id: {e}")))?,
@@ -116,6 +129,11 @@ impl Node {
         }
         // Exact paths before prefixes; longer prefixes first.
         routes.sort_by_key(|(p, _)| (p.ends_with('/'), std::cmp::Reverse(p.len())));
+        hub.track_presence(crate::hub::PresenceTracking {
+            kinds: config.presence.kinds.clone(),
+            ttl: config.presence.ttl,
+            node: id.clone(),
+        });
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(Node {
             id,
@@ -246,6 +264,7 @@ impl Node {
             }
         });
         self.publish_health_gauges();
+        let presence = tokio::spawn(self.clone().presence_loop());
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -269,7 +288,33 @@ impl Node {
         drop(listener);
         self.drain().await;
         gauges.abort();
+        presence.abort();
         Ok(())
+    }
+
+    /// Refreshes this node's presence entries (heartbeats) and sweeps lapsed
+    /// ones, so a crashed node's users get `presence.left` within the TTL.
+    async fn presence_loop(self: Arc<Self>) {
+        let p = self.config.presence.clone();
+        let mut heartbeat = tokio::time::interval(p.heartbeat_interval);
+        let mut sweep = tokio::time::interval(p.sweep_interval);
+        heartbeat.tick().await;
+        loop {
+            tokio::select! {
+                _ = heartbeat.tick() => {
+                    for session in self.all_sessions() {
+                        let rooms: Vec<_> = session.rooms().clone();
+                        for room in rooms {
+                            if self.hub.tracks_presence(&room) {
+                                let key = roomcast_protocol::RoomKey::new(session.tenant.clone(), room);
+                                self.hub.presence_refresh(&session, &key).await;
+                            }
+                        }
+                    }
+                }
+                _ = sweep.tick() => self.hub.sweep_presence().await,
+            }
+        }
     }
 
     fn publish_health_gauges(&self) {

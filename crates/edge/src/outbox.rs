@@ -2,6 +2,12 @@
 //! ever awaiting; the session's writer drains everything queued in one
 //! vectored write. Overflow is a policy: the session is cut off as a slow
 //! consumer, so one slow reader never grows node memory without bound.
+//!
+//! A WebSocket session also gives the outbox its socket: while nothing is
+//! queued and the writer is idle, a push writes the frame straight to the
+//! socket (a non-blocking `write`), saving the wake-up of the session's task
+//! for the common case of a socket with room. Writes stay ordered because
+//! they only happen under the outbox's lock and only while no frame waits.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -30,6 +36,10 @@ struct State {
     /// Frames held back to coalesce: a newer frame with the same key
     /// replaces the held one, which goes out when its window ends.
     held: Vec<Held>,
+    /// The writer took frames and has not finished writing them.
+    writer_busy: bool,
+    /// The session's socket, for direct writes (WebSocket sessions only).
+    socket: Option<std::sync::Arc<tokio::net::TcpStream>>,
 }
 
 struct Held {
@@ -62,6 +72,21 @@ impl Outbox {
         }
     }
 
+    /// Lets pushes write straight to `socket` while nothing is queued.
+    pub(crate) fn attach_socket(&self, socket: std::sync::Arc<tokio::net::TcpStream>) {
+        self.lock().socket = Some(socket);
+    }
+
+    /// Stops direct writes and releases the socket (the session is ending).
+    pub(crate) fn detach_socket(&self) {
+        self.lock().socket = None;
+    }
+
+    /// The writer wrote everything it took: direct writes may resume.
+    pub(crate) fn writer_done(&self) {
+        self.lock().writer_busy = false;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -79,6 +104,18 @@ impl Outbox {
             drop(st);
             self.ready.notify_one();
             return Err(PushError::Overflow);
+        }
+        let mut frame = frame;
+        if st.frames.is_empty() && !st.writer_busy {
+            if let Some(socket) = &st.socket {
+                match socket.try_write(&frame) {
+                    Ok(n) if n == frame.len() => return Ok(()),
+                    // The rest waits for the writer, in order.
+                    Ok(n) => frame = frame.slice(n..),
+                    // Full, or failing: the writer finds out and acts.
+                    Err(_) => {}
+                }
+            }
         }
         st.bytes += frame.len();
         st.frames.push_back(frame);
@@ -142,47 +179,58 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    /// Why the session is closing, once it is.
-    pub(crate) fn close_reason(&self) -> Option<Disconnect> {
-        self.lock().close
+    /// What is ready now, without waiting; otherwise when the earliest held
+    /// frame comes due, if any.
+    pub(crate) fn take_ready(&self) -> Result<Next, Option<Instant>> {
+        let mut st = self.lock();
+        if let Some(disconnect) = st.close {
+            let frames = std::mem::take(&mut st.frames);
+            st.bytes = 0;
+            st.writer_busy = true;
+            return Ok(Next::Close(frames, disconnect));
+        }
+        let now = Instant::now();
+        if st.held.iter().any(|h| h.due <= now) {
+            let (due, later): (Vec<Held>, Vec<Held>) = std::mem::take(&mut st.held)
+                .into_iter()
+                .partition(|h| h.due <= now);
+            st.held = later;
+            for h in due {
+                st.frames.push_back(h.frame);
+            }
+        }
+        if !st.frames.is_empty() {
+            st.bytes = 0;
+            st.writer_busy = true;
+            // take() leaves an empty deque that has not allocated, so an
+            // idle session holds no queue buffer.
+            return Ok(Next::Write(std::mem::take(&mut st.frames)));
+        }
+        Err(st.held.iter().map(|h| h.due).min())
+    }
+
+    /// Resolves after a push or a close request (possibly spuriously): call
+    /// [`Outbox::take_ready`] then. A wake-up given while nobody waited is
+    /// kept for the next waiter, so none is lost between the two calls.
+    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ready.notified()
     }
 
     /// Waits until there is something to write or a close to perform.
     pub(crate) async fn next(&self) -> Next {
         loop {
-            let next_due = {
-                let mut st = self.lock();
-                if let Some(disconnect) = st.close {
-                    let frames = std::mem::take(&mut st.frames);
-                    st.bytes = 0;
-                    return Next::Close(frames, disconnect);
-                }
-                let now = Instant::now();
-                if st.held.iter().any(|h| h.due <= now) {
-                    let (due, later): (Vec<Held>, Vec<Held>) = std::mem::take(&mut st.held)
-                        .into_iter()
-                        .partition(|h| h.due <= now);
-                    st.held = later;
-                    for h in due {
-                        st.frames.push_back(h.frame);
-                    }
-                }
-                if !st.frames.is_empty() {
-                    st.bytes = 0;
-                    // take() leaves an empty deque that has not allocated, so an
-                    // idle session holds no queue buffer.
-                    return Next::Write(std::mem::take(&mut st.frames));
-                }
-                st.held.iter().map(|h| h.due).min()
+            let next_due = match self.take_ready() {
+                Ok(next) => return next,
+                Err(due) => due,
             };
             match next_due {
                 Some(due) => {
                     tokio::select! {
-                        _ = self.ready.notified() => {}
+                        _ = self.changed() => {}
                         _ = tokio::time::sleep_until(due) => {}
                     }
                 }
-                None => self.ready.notified().await,
+                None => self.changed().await,
             }
         }
     }

@@ -48,6 +48,10 @@ pub struct Session {
     replays: Mutex<Vec<Replay>>,
     /// Fast check on the delivery path: most sessions never replay.
     replaying: AtomicBool,
+    /// Unix ms when the session was accepted (for presence).
+    pub connected_at: u64,
+    /// The client's User-Agent, when it sent one (for presence).
+    user_agent: std::sync::OnceLock<Arc<str>>,
 }
 
 struct Replay {
@@ -74,7 +78,19 @@ impl Session {
             rooms: Mutex::new(Vec::new()),
             replays: Mutex::new(Vec::new()),
             replaying: AtomicBool::new(false),
+            connected_at: crate::hub::now_ms(),
+            user_agent: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records the client's User-Agent (first call wins).
+    pub(crate) fn set_user_agent(&self, user_agent: &str) {
+        let cut: String = user_agent.chars().take(256).collect();
+        let _ = self.user_agent.set(Arc::from(cut));
+    }
+
+    pub fn user_agent(&self) -> Option<&Arc<str>> {
+        self.user_agent.get()
     }
 
     fn replays(&self) -> std::sync::MutexGuard<'_, Vec<Replay>> {

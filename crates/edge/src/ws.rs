@@ -6,20 +6,21 @@
 //! dialect's timers, and hands complete messages to the dialect's
 //! [`crate::dialect::Connection`].
 
+use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{OpCode, Role, WebSocketError};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use roomcast_protocol::native::ErrorCode;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::dialect::{Accepted, Inbound, Refusal, SessionCtx};
+use crate::dialect::{Accepted, Connection, Refusal, SessionCtx};
 use crate::disconnect::Disconnect;
 use crate::frame::{close_frame, ws_frame, OP_PING, OP_PONG};
 use crate::http::{json_error, Body};
@@ -27,6 +28,7 @@ use crate::node::{ConnectionSlot, Node};
 use crate::outbox::{Next, Outbox};
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::session::Session;
+use crate::wsread::{FrameReader, Inbound, ReadError};
 
 /// Upgrades a WebSocket request for a dialect. Every refusal happens here,
 /// before the upgrade, so a refused client never gets an open socket: the
@@ -54,6 +56,11 @@ where
         .into_response();
     };
     let (parts, body) = req.into_parts();
+    let user_agent = parts
+        .headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let mut req = Request::from_parts(parts.clone(), body);
     let accepted = match accept(parts).await {
         Ok(a) => a,
@@ -75,18 +82,42 @@ where
             .headers_mut()
             .insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
     }
-    tokio::spawn(async move {
+    let session = async move {
         match upgrade.await {
-            Ok(ws) => run_session(node, slot, ws.into_inner(), accepted).await,
+            Ok(ws) => run_session(node, slot, ws.into_inner(), accepted, user_agent).await,
             Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
         }
-    });
+    };
+    tokio::spawn(session);
     response
 }
 
 type Io = TokioIo<hyper::upgrade::Upgraded>;
 
-async fn run_session(node: Arc<Node>, slot: ConnectionSlot, io: Io, accepted: Accepted) {
+thread_local! {
+    /// Read scratch space shared by every connection on a worker thread: an
+    /// idle connection owns no read buffer (see `wsread`).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 16 * 1024]);
+}
+
+/// One connection's whole life, in a single task: reads are parsed by
+/// [`FrameReader`] from a per-thread scratch buffer, the outbox is written
+/// with vectored writes when the socket is writable, and every timer (pings,
+/// idle timeout, token expiry, the dialect's own) is one deadline.
+async fn run_session(
+    node: Arc<Node>,
+    slot: ConnectionSlot,
+    io: Io,
+    accepted: Accepted,
+    user_agent: Option<String>,
+) {
+    let (stream, leftover) = match io.into_inner().downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => (Arc::new(parts.io.into_inner()), parts.read_buf),
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream; closing");
+            return;
+        }
+    };
     let Accepted {
         identity,
         renderer,
@@ -106,152 +137,183 @@ async fn run_session(node: Arc<Node>, slot: ConnectionSlot, io: Io, accepted: Ac
         renderer,
         Outbox::new(limits.outbound_queue_frames, limits.outbound_queue_bytes),
     ));
-    let (read, write) = tokio::io::split(io);
-    let (mut reader, _) =
-        fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
-    reader.set_max_message_size(limits.max_message_bytes);
-    reader.set_auto_close(false);
-    reader.set_auto_pong(false);
-
+    if let Some(ua) = &user_agent {
+        session.set_user_agent(ua);
+    }
     node.register(&session);
+    session.outbox.attach_socket(stream.clone());
     metrics::gauge!("roomcast_connections", "transport" => transport).increment(1.0);
     metrics::counter!("roomcast_connections_total", "transport" => transport).increment(1);
     tracing::debug!(session = %session.id, user = %identity.user, tenant = %identity.tenant, transport, "session open");
 
-    let mut writer = tokio::spawn(write_loop(session.clone(), write, limits.ping_interval));
     let expires = token_deadline(identity.expires_at + node.config().auth.leeway_secs);
     let ctx = SessionCtx {
         node: node.clone(),
         session: session.clone(),
         identity,
     };
-    let mut idle_deadline = Instant::now() + limits.idle_timeout;
+    let outbox = &session.outbox;
+    let mut reader = FrameReader::default();
     let mut limiter = RateLimiter::new(
         limits.rate_messages,
         limits.rate_window,
         limits.rate_strikes,
     );
-    let mut fragments: Option<(bool, Vec<u8>)> = None;
-    let outbox = &session.outbox;
-    let mut obligated = |frame: fastwebsockets::Frame<'_>| {
-        // Only reached for obligations we did not disable; answer in order.
-        let _ = outbox.push(ws_frame(frame.opcode as u8, &frame.payload));
-        std::future::ready(Ok::<(), std::convert::Infallible>(()))
-    };
-    let mut writer_done = false;
-    let opened = connection.opened(&ctx).await;
+    // Only what the loop needs: the task stays small for idle connections.
+    let (max_message_bytes, idle_timeout, ping_interval) = (
+        limits.max_message_bytes,
+        limits.idle_timeout,
+        limits.ping_interval,
+    );
+    let mut idle_deadline = Instant::now() + idle_timeout;
+    let mut next_ping = Instant::now() + ping_interval;
+    // Frames taken from the outbox and not yet fully written.
+    let mut pending: VecDeque<Bytes> = VecDeque::new();
+    // Set once the outbox asked to close: write `pending` (it ends with the
+    // close frame), then stop.
+    let mut closing: Option<(Disconnect, Instant)> = None;
     let reason: Disconnect = 'session: {
-        if let Err(d) = opened {
+        if let Err(d) = connection.opened(&ctx).await {
+            break 'session d;
+        }
+        // Bytes the client sent right behind its handshake, dropped at once:
+        // even empty, this buffer may share hyper's whole read buffer.
+        let mut items: Vec<Inbound> = Vec::new();
+        let parsed = reader.feed(&leftover, max_message_bytes, &mut |i| items.push(i));
+        drop(leftover);
+        if let Err(e) = parsed {
+            break 'session read_error(&mut *connection, &ctx, e);
+        }
+        if let Some(d) = Box::pin(dispatch(&mut *connection, &ctx, &mut items, &mut limiter)).await
+        {
             break 'session d;
         }
         loop {
+            if let Some((reason, since)) = closing {
+                if pending.is_empty() {
+                    break reason;
+                }
+                if since.elapsed() > CLOSE_WRITE_GRACE {
+                    // A slow consumer's buffer stays full: drop the socket.
+                    break reason;
+                }
+            }
+            // Take what the outbox has ready, unless a write is under way.
+            let mut outbox_due = None;
+            if pending.is_empty() && closing.is_none() {
+                match outbox.take_ready() {
+                    Ok(Next::Write(frames)) => pending = frames,
+                    Ok(Next::Close(frames, disconnect)) => {
+                        pending = frames;
+                        if disconnect != Disconnect::CLIENT_GONE {
+                            pending.push_back(close_frame(disconnect.code, disconnect.reason));
+                        }
+                        closing = Some((disconnect, Instant::now()));
+                    }
+                    Err(due) => outbox_due = due,
+                }
+                if !pending.is_empty() && write_pending(&stream, &mut pending).is_err() {
+                    break closing.map_or(Disconnect::CLIENT_GONE, |(d, _)| d);
+                }
+                if closing.is_some() {
+                    continue;
+                }
+                if pending.is_empty() {
+                    outbox.writer_done();
+                }
+            }
             let far = Instant::now() + Duration::from_secs(3600);
             let dialect_deadline = connection.deadline().unwrap_or(far);
-            let frame = tokio::select! {
+            let mut timer = expires
+                .min(idle_deadline)
+                .min(dialect_deadline)
+                .min(next_ping);
+            if let Some(due) = outbox_due {
+                timer = timer.min(due);
+            }
+            if let Some((_, since)) = closing {
+                timer = timer.min(since + CLOSE_WRITE_GRACE);
+            }
+            // One readiness future for both directions keeps the task small.
+            let interest = match (closing.is_none(), pending.is_empty()) {
+                (true, true) => Interest::READABLE,
+                (true, false) => Interest::READABLE | Interest::WRITABLE,
+                (false, _) => Interest::WRITABLE,
+            };
+            tokio::select! {
                 biased;
-                _ = &mut writer => {
-                    writer_done = true;
-                    break outbox.close_reason().unwrap_or(Disconnect::CLIENT_GONE);
-                }
-                _ = tokio::time::sleep_until(expires) => break Disconnect::TOKEN_EXPIRED,
-                _ = tokio::time::sleep_until(idle_deadline) => break Disconnect::IDLE_TIMEOUT,
-                _ = tokio::time::sleep_until(dialect_deadline) => {
-                    if let Err(d) = connection.on_deadline(&ctx).await {
-                        break d;
+                _ = tokio::time::sleep_until(timer) => {
+                    let now = Instant::now();
+                    if now >= expires {
+                        break Disconnect::TOKEN_EXPIRED;
                     }
-                    continue;
-                }
-                frame = reader.read_frame(&mut obligated) => frame,
-            };
-            let frame = match frame {
-                Ok(f) => f,
-                Err(WebSocketError::FrameTooLarge) => {
-                    connection.too_large(&ctx);
-                    break Disconnect::MESSAGE_TOO_LARGE;
-                }
-                Err(WebSocketError::UnexpectedEOF | WebSocketError::IoError(_)) => {
-                    break Disconnect::CLIENT_GONE
-                }
-                Err(e) => {
-                    tracing::debug!(session = %session.id, error = %e, "protocol error");
-                    break Disconnect::PROTOCOL_ERROR;
-                }
-            };
-            idle_deadline = Instant::now() + limits.idle_timeout;
-            let (binary, payload): (bool, Bytes) = match frame.opcode {
-                OpCode::Ping => {
-                    let _ = outbox.push(ws_frame(OP_PONG, &frame.payload));
-                    continue;
-                }
-                OpCode::Pong => continue,
-                OpCode::Close => break Disconnect::CLIENT_CLOSED,
-                OpCode::Text | OpCode::Binary if frame.fin => {
-                    if fragments.is_some() {
-                        break Disconnect::PROTOCOL_ERROR;
+                    if now >= idle_deadline {
+                        break Disconnect::IDLE_TIMEOUT;
                     }
-                    (
-                        frame.opcode == OpCode::Binary,
-                        Bytes::copy_from_slice(&frame.payload),
-                    )
-                }
-                OpCode::Text | OpCode::Binary => {
-                    if fragments.is_some() {
-                        break Disconnect::PROTOCOL_ERROR;
+                    if now >= dialect_deadline {
+                        if let Err(d) = connection.on_deadline(&ctx).await {
+                            break d;
+                        }
                     }
-                    fragments = Some((frame.opcode == OpCode::Binary, frame.payload.to_vec()));
-                    continue;
+                    if now >= next_ping {
+                        let _ = outbox.push(ws_frame(OP_PING, b""));
+                        next_ping = now + ping_interval;
+                    }
                 }
-                OpCode::Continuation => {
-                    let Some((binary, buf)) = fragments.as_mut() else {
-                        break Disconnect::PROTOCOL_ERROR;
+                ready = stream.ready(interest) => {
+                    let Ok(ready) = ready else {
+                        break closing.map_or(Disconnect::CLIENT_GONE, |(d, _)| d);
                     };
-                    if buf.len() + frame.payload.len() > limits.max_message_bytes {
-                        connection.too_large(&ctx);
-                        break Disconnect::MESSAGE_TOO_LARGE;
+                    if ready.is_writable() && !pending.is_empty() {
+                        if write_pending(&stream, &mut pending).is_err() {
+                            break closing.map_or(Disconnect::CLIENT_GONE, |(d, _)| d);
+                        }
+                        if pending.is_empty() && closing.is_none() {
+                            outbox.writer_done();
+                        }
                     }
-                    buf.extend_from_slice(&frame.payload);
-                    if !frame.fin {
+                    if closing.is_some() || !(ready.is_readable() || ready.is_read_closed()) {
                         continue;
                     }
-                    let binary = *binary;
-                    let (_, buf) = fragments.take().expect("checked above");
-                    (binary, Bytes::from(buf))
-                }
-            };
-            match limiter.check(Instant::now()) {
-                Verdict::Allow => {
-                    let msg = Inbound {
-                        binary,
-                        payload: &payload,
-                    };
-                    if let Err(d) = connection.message(&ctx, msg).await {
-                        break d;
+                    let mut items: Vec<Inbound> = Vec::new();
+                    match read_available(&stream, &mut reader, max_message_bytes, &mut items) {
+                        ReadOutcome::Open => {}
+                        ReadOutcome::Eof => break Disconnect::CLIENT_GONE,
+                        ReadOutcome::Failed(e) => break read_error(&mut *connection, &ctx, e),
+                    }
+                    if !items.is_empty() {
+                        idle_deadline = Instant::now() + idle_timeout;
+                        if let Some(d) = Box::pin(dispatch(&mut *connection, &ctx, &mut items, &mut limiter)).await {
+                            break d;
+                        }
                     }
                 }
-                Verdict::Reject { first_in_window } => {
-                    if first_in_window {
-                        connection.rate_limited(&ctx);
-                    }
-                }
-                Verdict::Disconnect => break Disconnect::RATE_LIMIT,
-            }
-            if let Some(reason) = outbox.close_reason() {
-                // A slow-consumer overflow or a drain: the writer ends the socket.
-                break reason;
+                _ = outbox.changed(), if pending.is_empty() && closing.is_none() => {}
             }
         }
     };
 
-    // Flush pending replies (e.g. the error frame) before a policy close; a
-    // gone client has nobody to flush to.
-    outbox.close(reason, reason != Disconnect::CLIENT_GONE);
-    if !writer_done {
-        // The writer gives the close frame at most CLOSE_WRITE_GRACE.
-        let _ = tokio::time::timeout(CLOSE_WRITE_GRACE * 2, &mut writer).await;
-        writer.abort();
+    if closing.is_none() && reason != Disconnect::CLIENT_GONE {
+        // Flush what is queued (e.g. an error frame), then the close frame.
+        outbox.close(reason, true);
+        if let Next::Close(frames, _) = outbox.next().await {
+            pending.extend(frames);
+        }
+        pending.push_back(close_frame(reason.code, reason.reason));
+        let _ = Box::pin(tokio::time::timeout(
+            CLOSE_WRITE_GRACE,
+            write_all(&stream, &mut pending),
+        ))
+        .await;
+    } else {
+        outbox.close(reason, false);
     }
+    outbox.detach_socket();
+    drop(stream);
     connection.closed(&ctx).await;
-    node.hub().leave_all(&session).await;
+    // Boxed: these run once, at the end, and would otherwise size every
+    // idle connection's task for their deepest state.
+    Box::pin(node.hub().leave_all(&session)).await;
     node.unregister(&session.id);
     metrics::gauge!("roomcast_connections", "transport" => transport).decrement(1.0);
     metrics::counter!("roomcast_disconnects_total", "reason" => reason.label).increment(1);
@@ -260,9 +322,133 @@ async fn run_session(node: Arc<Node>, slot: ConnectionSlot, io: Io, accepted: Ac
     drop(slot);
 }
 
+enum ReadOutcome {
+    Open,
+    Eof,
+    Failed(ReadError),
+}
+
+/// Reads whatever the socket has, without blocking, and parses it.
+fn read_available(
+    stream: &TcpStream,
+    reader: &mut FrameReader,
+    max: usize,
+    items: &mut Vec<Inbound>,
+) -> ReadOutcome {
+    SCRATCH.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        loop {
+            match stream.try_read(&mut buf) {
+                Ok(0) => return ReadOutcome::Eof,
+                Ok(n) => {
+                    if let Err(e) = reader.feed(&buf[..n], max, &mut |i| items.push(i)) {
+                        return ReadOutcome::Failed(e);
+                    }
+                    if n < buf.len() {
+                        return ReadOutcome::Open;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return ReadOutcome::Open,
+                Err(_) => return ReadOutcome::Eof,
+            }
+        }
+    })
+}
+
+/// The disconnect for a read error, after telling the dialect about a too-large message.
+fn read_error(connection: &mut dyn Connection, ctx: &SessionCtx, e: ReadError) -> Disconnect {
+    match e {
+        ReadError::TooLarge => {
+            connection.too_large(ctx);
+            Disconnect::MESSAGE_TOO_LARGE
+        }
+        ReadError::Protocol => Disconnect::PROTOCOL_ERROR,
+        ReadError::InvalidUtf8 => Disconnect::INVALID_PAYLOAD,
+    }
+}
+
+/// Hands parsed items to the dialect, through the rate limiter.
+async fn dispatch(
+    connection: &mut dyn Connection,
+    ctx: &SessionCtx,
+    items: &mut Vec<Inbound>,
+    limiter: &mut RateLimiter,
+) -> Option<Disconnect> {
+    for item in items.drain(..) {
+        match item {
+            Inbound::Ping(payload) => {
+                let _ = ctx.session.outbox.push(ws_frame(OP_PONG, &payload));
+            }
+            Inbound::Pong => {}
+            Inbound::Close(_) => return Some(Disconnect::CLIENT_CLOSED),
+            Inbound::Message { binary, payload } => match limiter.check(Instant::now()) {
+                Verdict::Allow => {
+                    let msg = crate::dialect::Inbound {
+                        binary,
+                        payload: &payload,
+                    };
+                    if let Err(d) = connection.message(ctx, msg).await {
+                        return Some(d);
+                    }
+                }
+                Verdict::Reject { first_in_window } => {
+                    if first_in_window {
+                        connection.rate_limited(ctx);
+                    }
+                }
+                Verdict::Disconnect => return Some(Disconnect::RATE_LIMIT),
+            },
+        }
+    }
+    None
+}
+
+/// Writes as much of `pending` as the socket takes now (vectored).
+fn write_pending(stream: &TcpStream, pending: &mut VecDeque<Bytes>) -> std::io::Result<()> {
+    const MAX_IOV: usize = 64;
+    while !pending.is_empty() {
+        let slices: Vec<IoSlice<'_>> = pending
+            .iter()
+            .take(MAX_IOV)
+            .map(|b| IoSlice::new(b))
+            .collect();
+        let written = match stream.try_write_vectored(&slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        drop(slices);
+        let mut n = written;
+        while n > 0 {
+            let front = pending.front_mut().expect("wrote no more than was pending");
+            if n >= front.len() {
+                n -= front.len();
+                pending.pop_front();
+            } else {
+                let rest = front.slice(n..);
+                *front = rest;
+                n = 0;
+            }
+        }
+    }
+    // An idle connection keeps no write buffer.
+    *pending = VecDeque::new();
+    Ok(())
+}
+
+/// Writes all of `pending`, waiting for the socket as needed.
+async fn write_all(stream: &TcpStream, pending: &mut VecDeque<Bytes>) -> std::io::Result<()> {
+    while !pending.is_empty() {
+        stream.writable().await?;
+        write_pending(stream, pending)?;
+    }
+    Ok(())
+}
+
 /// When the token's `exp` passes; tokens without one never get here (the
 /// verifier requires `exp`), but a far deadline keeps the select simple.
-fn token_deadline(expires_at: u64) -> Instant {
+pub(crate) fn token_deadline(expires_at: u64) -> Instant {
     let now_s = crate::hub::now_ms() / 1000;
     let left = Duration::from_secs(expires_at.saturating_sub(now_s));
     Instant::now() + left.min(Duration::from_secs(10 * 365 * 24 * 3600))
@@ -271,78 +457,3 @@ fn token_deadline(expires_at: u64) -> Instant {
 /// How long a closing session may take to take its last frames and the close
 /// frame. Its queue is already freed, so only kernel buffers wait meanwhile.
 const CLOSE_WRITE_GRACE: Duration = Duration::from_secs(5);
-
-/// Drains the outbox into the socket, several frames per syscall, and sends
-/// a ping every `ping_interval`. Ends after writing a close frame or when the
-/// socket fails.
-async fn write_loop<W: AsyncWrite + Unpin>(
-    session: Arc<Session>,
-    mut write: W,
-    ping_interval: Duration,
-) {
-    let mut ping = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
-    loop {
-        let next = tokio::select! {
-            next = session.outbox.next() => next,
-            _ = ping.tick() => {
-                let _ = session.outbox.push(ws_frame(OP_PING, b""));
-                continue;
-            }
-        };
-        match next {
-            Next::Write(frames) => {
-                if write_all_vectored(&mut write, frames.iter().cloned().collect())
-                    .await
-                    .is_err()
-                {
-                    session.outbox.close(Disconnect::CLIENT_GONE, false);
-                    return;
-                }
-            }
-            Next::Close(frames, disconnect) => {
-                let mut batch: Vec<Bytes> = frames.into_iter().collect();
-                if disconnect != Disconnect::CLIENT_GONE {
-                    batch.push(close_frame(disconnect.code, disconnect.reason));
-                }
-                // A slow consumer's socket buffer may be full: give the close
-                // frame a bounded chance, then drop the socket regardless.
-                let _ = tokio::time::timeout(CLOSE_WRITE_GRACE, async {
-                    write_all_vectored(&mut write, batch).await?;
-                    write.shutdown().await
-                })
-                .await;
-                return;
-            }
-        }
-    }
-}
-
-/// Writes every frame, as few syscalls as the kernel allows.
-async fn write_all_vectored<W: AsyncWrite + Unpin>(
-    write: &mut W,
-    mut frames: Vec<Bytes>,
-) -> std::io::Result<()> {
-    const MAX_IOV: usize = 64;
-    let mut start = 0;
-    while start < frames.len() {
-        let end = frames.len().min(start + MAX_IOV);
-        let slices: Vec<IoSlice<'_>> = frames[start..end].iter().map(|b| IoSlice::new(b)).collect();
-        let mut n = write.write_vectored(&slices).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        drop(slices);
-        while n > 0 {
-            let len = frames[start].len();
-            if n >= len {
-                n -= len;
-                start += 1;
-            } else {
-                let rest = frames[start].slice(n..);
-                frames[start] = rest;
-                n = 0;
-            }
-        }
-    }
-    write.flush().await
-}

@@ -74,6 +74,17 @@ pub enum Command {
     Ping {
         ts: Option<u64>,
     },
+    /// Who is in a room the session is subscribed to.
+    Presence {
+        room: String,
+    },
+    /// An ephemeral signal to the room's other members (`type` without the
+    /// `signal.` prefix the server adds; `data` is JSON text).
+    Signal {
+        room: String,
+        kind: String,
+        data: Option<String>,
+    },
 }
 
 /// A command plus the client's correlation `ref`, echoed in the reply.
@@ -103,6 +114,22 @@ enum JsonCommand {
         reference: Option<String>,
         #[serde(default)]
         ts: Option<u64>,
+    },
+    Presence {
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
+        room: String,
+    },
+    Signal {
+        #[serde(rename = "ref", default)]
+        reference: Option<String>,
+        room: String,
+        #[serde(rename = "type")]
+        kind: String,
+        // A Value, not a RawValue: raw values cannot sit in an internally
+        // tagged enum (serde buffers its content). Signals are rare.
+        #[serde(default)]
+        data: Option<serde_json::Value>,
     },
 }
 
@@ -147,6 +174,23 @@ impl ClientMessage {
                 reference: check_ref(reference)?,
                 command: Command::Ping { ts },
             }),
+            Ok(JsonCommand::Presence { reference, room }) => Ok(ClientMessage {
+                reference: check_ref(reference)?,
+                command: Command::Presence { room },
+            }),
+            Ok(JsonCommand::Signal {
+                reference,
+                room,
+                kind,
+                data,
+            }) => Ok(ClientMessage {
+                reference: check_ref(reference)?,
+                command: Command::Signal {
+                    room,
+                    kind,
+                    data: data.map(|d| d.to_string()),
+                },
+            }),
             Err(e) => {
                 #[derive(Deserialize)]
                 struct RefOnly {
@@ -181,6 +225,23 @@ impl ClientMessage {
             Some(pb::client_frame::Op::Ping(p)) => Command::Ping {
                 ts: (p.ts != 0).then_some(p.ts),
             },
+            Some(pb::client_frame::Op::Presence(p)) => Command::Presence { room: p.room },
+            Some(pb::client_frame::Op::Signal(sig)) => {
+                let data = (!sig.json.is_empty()).then_some(sig.json);
+                if let Some(d) = &data {
+                    if serde_json::from_str::<&serde_json::value::RawValue>(d).is_err() {
+                        return Err(ParseError {
+                            reference,
+                            message: "Signal.json is not valid JSON".to_owned(),
+                        });
+                    }
+                }
+                Command::Signal {
+                    room: sig.room,
+                    kind: sig.r#type,
+                    data,
+                }
+            }
             None => {
                 return Err(ParseError {
                     reference,
@@ -226,6 +287,29 @@ pub enum Reply {
         code: ErrorCode,
         message: String,
     },
+    Presence {
+        room: String,
+        users: Vec<PresenceUser>,
+    },
+    /// A signal was relayed.
+    Signaled,
+}
+
+/// One user present in a room, with their live sessions.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PresenceUser {
+    pub user: String,
+    pub sessions: Vec<PresenceSession>,
+}
+
+/// One live session of a present user.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PresenceSession {
+    pub session: String,
+    pub node: String,
+    pub connected_at: u64,
+    pub last_seen: u64,
+    pub user_agent: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -262,6 +346,16 @@ enum JsonReply<'a> {
         reference: Option<&'a str>,
         code: ErrorCode,
         message: &'a str,
+    },
+    Presence {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+        room: &'a str,
+        users: &'a [PresenceUser],
+    },
+    Signaled {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
     },
 }
 
@@ -301,6 +395,12 @@ impl Reply {
                 code: *code,
                 message,
             },
+            Reply::Presence { room, users } => JsonReply::Presence {
+                reference,
+                room,
+                users,
+            },
+            Reply::Signaled => JsonReply::Signaled { reference },
         };
         serde_json::to_string(&json).expect("replies always serialise")
     }
@@ -346,6 +446,27 @@ impl Reply {
                 code: code.as_str().to_owned(),
                 message: message.clone(),
             }),
+            Reply::Presence { room, users } => Op::Presence(pb::PresenceReply {
+                room: room.clone(),
+                users: users
+                    .iter()
+                    .map(|u| pb::PresenceUser {
+                        user: u.user.clone(),
+                        sessions: u
+                            .sessions
+                            .iter()
+                            .map(|s| pb::PresenceSession {
+                                session: s.session.clone(),
+                                node: s.node.clone(),
+                                connected_at: s.connected_at,
+                                last_seen: s.last_seen,
+                                user_agent: s.user_agent.clone().unwrap_or_default(),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            }),
+            Reply::Signaled => Op::Signaled(pb::Signaled {}),
         };
         pb::ServerFrame {
             r#ref: reference.unwrap_or("").to_owned(),
@@ -370,7 +491,11 @@ pub fn render_event_json(event: &Event, room: &str) -> Bytes {
     let mut out = Vec::with_capacity(96 + room.len() + event.kind.len() + body_len);
     out.extend_from_slice(br#"{"op":"event","room":"#);
     push_json_str(&mut out, room);
-    let _ = write!(out, r#","id":"{}","type":"#, event.id);
+    if event.id != crate::EventId::ZERO {
+        // Ephemeral events (presence changes, signals) have no history id.
+        let _ = write!(out, r#","id":"{}""#, event.id);
+    }
+    out.extend_from_slice(br#","type":"#);
     push_json_str(&mut out, &event.kind);
     let _ = write!(out, r#","ts":{}"#, event.ts);
     if let Some(actor) = &event.actor {
@@ -408,7 +533,11 @@ pub fn render_event_proto(event: &Event, room: &str) -> Bytes {
         r#ref: String::new(),
         op: Some(pb::server_frame::Op::Event(pb::EventFrame {
             room: room.to_owned(),
-            id: event.id.to_string(),
+            id: if event.id == crate::EventId::ZERO {
+                String::new()
+            } else {
+                event.id.to_string()
+            },
             r#type: event.kind.to_string(),
             ts: event.ts,
             actor: event.actor.as_deref().unwrap_or("").to_owned(),
@@ -478,7 +607,7 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&frame).unwrap();
         assert_eq!(
             v,
-            serde_json::json!({"op":"event","room":"team:42","id":"0-0","type":"task.updated","ts":5,"actor":"u\"2","version":3,"data":{"id":1}})
+            serde_json::json!({"op":"event","room":"team:42","type":"task.updated","ts":5,"actor":"u\"2","version":3,"data":{"id":1}})
         );
     }
 

@@ -125,6 +125,19 @@ pub(crate) struct ServeArgs {
     pub(crate) drain_window: Option<Duration>,
     #[arg(long, env = "ROOMCAST_UNSUBSCRIBE_DELAY", value_parser = parse_duration)]
     pub(crate) unsubscribe_delay: Option<Duration>,
+    #[arg(long, env = "ROOMCAST_SIGNAL_MESSAGES")]
+    pub(crate) signal_messages: Option<u32>,
+    #[arg(long, env = "ROOMCAST_SIGNAL_WINDOW", value_parser = parse_duration)]
+    pub(crate) signal_window: Option<Duration>,
+    /// Room kinds whose members are tracked in presence (comma-separated).
+    #[arg(long, env = "ROOMCAST_PRESENCE_KINDS", value_delimiter = ',')]
+    pub(crate) presence_kinds: Vec<String>,
+    #[arg(long, env = "ROOMCAST_PRESENCE_TTL", value_parser = parse_duration)]
+    pub(crate) presence_ttl: Option<Duration>,
+    #[arg(long, env = "ROOMCAST_PRESENCE_HEARTBEAT_INTERVAL", value_parser = parse_duration)]
+    pub(crate) presence_heartbeat_interval: Option<Duration>,
+    #[arg(long, env = "ROOMCAST_PRESENCE_SWEEP_INTERVAL", value_parser = parse_duration)]
+    pub(crate) presence_sweep_interval: Option<Duration>,
 }
 
 #[derive(Args, Debug)]

@@ -49,7 +49,15 @@ pub(crate) fn load(args: &ServeArgs) -> anyhow::Result<Config> {
         c.broker.prefix => args.redis_prefix,
         c.broker.history_max_len => args.history_max_len,
         c.broker.history_max_age => args.history_max_age,
+        c.limits.signal_messages => args.signal_messages,
+        c.limits.signal_window => args.signal_window,
+        c.presence.ttl => args.presence_ttl,
+        c.presence.heartbeat_interval => args.presence_heartbeat_interval,
+        c.presence.sweep_interval => args.presence_sweep_interval,
     );
+    if !args.presence_kinds.is_empty() {
+        c.presence.kinds = args.presence_kinds.clone();
+    }
     if args.node_id.is_some() {
         c.node_id = args.node_id.clone();
     }

@@ -1,6 +1,12 @@
 //! The dialects a node serves, built from its configuration, and the render
 //! slots they use.
 
+pub mod seed000;
+pub mod seed001;
+pub mod seed002;
+pub mod seed003;
+pub mod seed004;
+
 use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
@@ -40,6 +46,23 @@ pub(crate) fn build(config: &Config) -> Result<Vec<Arc<dyn Dialect>>, ConfigErro
         dialects.push(Arc::new(crate::native::NativeDialect::new(
             &d.native, &mut slots,
         )));
+    }
+    if d.seed000.enabled {
+        dialects.push(Arc::new(seed000::Seed000::new(config, &mut slots)?));
+    }
+    if d.seed001.enabled {
+        dialects.push(Arc::new(seed001::Seed001::new(config, &mut slots)?));
+    }
+    if d.seed002.enabled {
+        dialects.push(Arc::new(seed002::Seed002::new(config, &mut slots)?));
+    }
+    if d.seed003.enabled {
+        dialects.push(Arc::new(seed003::Seed003::new(
+            &d.seed003, config, &mut slots,
+        )?));
+    }
+    if d.seed004.enabled {
+        dialects.push(Arc::new(seed004::Seed004::new(config, &mut slots)?));
     }
     Ok(dialects)
 }

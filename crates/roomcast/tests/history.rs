@@ -1,0 +1,389 @@
+//! No missed events: resume from room history across nodes, trimmed history
+//! reported as `recovered: false`, a node refilling the gap after Redis comes
+//! back, presence across nodes (a SIGKILLed node's users leave within the
+//! TTL) and ephemeral signals. Real redis-server, several nodes.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use roomcast_testkit::{unique_prefix, RedisServer};
+use serde_json::{json, Value};
+use support::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// A token granting explicit rooms.
+fn token_with_rooms(user: &str, rooms: &[&str]) -> String {
+    let mut c = roomcast_auth::MintClaims::new(user, TENANT);
+    c.rooms = rooms.iter().map(|r| r.to_string()).collect();
+    roomcast_auth::mint_hs256(SECRET.as_bytes(), &c)
+}
+
+fn numbered(seq: u64) -> Value {
+    event(&["team:1"], "task.updated", json!({ "seq": seq }))
+}
+
+/// Subscribes with a resume position and returns the `subscribed` reply.
+async fn resume(client: &mut Client, room: &str, since: &str) -> Value {
+    client
+        .send(json!({"op":"subscribe","ref":"r","rooms":[room],"since":{room: since}}))
+        .await;
+    let reply = client.next_json().await;
+    assert_eq!(reply["op"], "subscribed", "{reply}");
+    reply
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_node_with_exactly_the_missed_events() {
+    let redis = RedisServer::start().await;
+    let prefix = unique_prefix();
+    let a = TestNode::start(config(Backend::Standalone(redis.url()), &prefix)).await;
+    let b = TestNode::start(config(Backend::Standalone(redis.url()), &prefix)).await;
+    let t = token("u1", &["1"]);
+
+    let mut client = a.connect(&t).await;
+    client.subscribe(&["team:1"]).await;
+    a.publish(&numbered(0)).await;
+    let seen = client.next_event().await;
+    let last = seen["id"].as_str().unwrap().to_owned();
+    drop(client);
+
+    for seq in 1..=500 {
+        let (status, body) = b.publish(&numbered(seq)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let mut client = b.connect(&t).await;
+    let reply = resume(&mut client, "team:1", &last).await;
+    assert_eq!(reply["recovered"], json!({"team:1": true}));
+    let mut previous = last.clone();
+    for seq in 1..=500 {
+        let ev = client.next_event().await;
+        assert_eq!(ev["data"]["seq"], seq, "in order, none missing");
+        let id = ev["id"].as_str().unwrap().to_owned();
+        let (p, i): (roomcast_protocol::EventId, roomcast_protocol::EventId) =
+            (previous.parse().unwrap(), id.parse().unwrap());
+        assert!(i > p, "ids increase");
+        previous = id;
+    }
+    // Then live, with no duplicate: the next event is the live one.
+    a.publish(&numbered(501)).await;
+    assert_eq!(client.next_event().await["data"]["seq"], 501);
+    a.publish(&event(&["team:1"], "fence", json!({}))).await;
+    assert!(
+        client.events_until("fence").await.is_empty(),
+        "nothing replayed twice"
+    );
+}
+
+#[tokio::test]
+async fn resuming_from_before_the_cap_says_recovered_false() {
+    let redis = RedisServer::start().await;
+    let prefix = unique_prefix();
+    let mut cfg = config(Backend::Standalone(redis.url()), &prefix);
+    cfg.broker.history_max_len = 50;
+    let node = TestNode::start(cfg).await;
+    let mut first = None;
+    for seq in 0..200 {
+        let (_, body) = node.publish(&numbered(seq)).await;
+        first.get_or_insert_with(|| body["ids"]["team:1"].as_str().unwrap().to_owned());
+    }
+    let mut client = node.connect(&token("u1", &["1"])).await;
+    let reply = resume(&mut client, "team:1", first.as_deref().unwrap()).await;
+    assert_eq!(reply["recovered"], json!({"team:1": false}), "{reply}");
+    // A position inside the kept history recovers.
+    let mut fresh = node.connect(&token("u1", &["1"])).await;
+    let (_, body) = node.publish(&numbered(200)).await;
+    let recent = body["ids"]["team:1"].as_str().unwrap().to_owned();
+    node.publish(&numbered(201)).await;
+    let reply = resume(&mut fresh, "team:1", &recent).await;
+    assert_eq!(reply["recovered"], json!({"team:1": true}));
+    assert_eq!(fresh.next_event().await["data"]["seq"], 201);
+}
+
+#[tokio::test]
+async fn history_caps_apply_per_room_kind() {
+    let redis = RedisServer::start().await;
+    let prefix = unique_prefix();
+    let mut cfg = config(Backend::Standalone(redis.url()), &prefix);
+    cfg.broker.history_kinds.insert(
+        "task".into(),
+        roomcast_edge::config::HistoryKindCap {
+            max_len: 5,
+            max_age: Duration::from_secs(3600),
+        },
+    );
+    let node = TestNode::start(cfg).await;
+    let (mut first_task, mut first_team) = (None, None);
+    for seq in 0..40 {
+        let (_, body) = node
+            .publish(&event(&["task:t1", "team:1"], "x", json!({ "seq": seq })))
+            .await;
+        first_task.get_or_insert_with(|| body["ids"]["task:t1"].as_str().unwrap().to_owned());
+        first_team.get_or_insert_with(|| body["ids"]["team:1"].as_str().unwrap().to_owned());
+    }
+    let t = token_with_rooms("u1", &["task:t1", "team:1"]);
+    let mut client = node.connect(&t).await;
+    let reply = resume(&mut client, "task:t1", first_task.as_deref().unwrap()).await;
+    assert_eq!(
+        reply["recovered"],
+        json!({"task:t1": false}),
+        "task rooms keep 5"
+    );
+    let mut other = node.connect(&t).await;
+    let reply = resume(&mut other, "team:1", first_team.as_deref().unwrap()).await;
+    assert_eq!(
+        reply["recovered"],
+        json!({"team:1": true}),
+        "team rooms keep the default 1000"
+    );
+    for seq in 1..40 {
+        assert_eq!(other.next_event().await["data"]["seq"], seq);
+    }
+}
+
+#[tokio::test]
+async fn a_node_fills_the_gap_after_redis_comes_back() {
+    let mut redis = RedisServer::start().await;
+    if redis.is_external() {
+        return; // an external Redis cannot be restarted by the test
+    }
+    let prefix = unique_prefix();
+    let node = TestNode::start(config(Backend::Standalone(redis.url()), &prefix)).await;
+    let mut client = node.connect(&token("u1", &["1"])).await;
+    client.subscribe(&["team:1"]).await;
+    node.publish(&numbered(0)).await;
+    assert_eq!(client.next_event().await["data"]["seq"], 0);
+
+    redis.kill();
+    eventually("node reports not ready", PATIENCE, || async {
+        node.readyz().await == 503
+    })
+    .await;
+    redis.start_again().await;
+    // A second path (a domain service, straight into Redis) publishes while
+    // the node may still be reconnecting: those events miss it live.
+    let mut direct = roomcast_broker_redis::RedisConfig::standalone(redis.url());
+    direct.prefix = prefix.clone();
+    for seq in 1..=20 {
+        let ev = roomcast_protocol::Event::decode(
+            numbered(seq).to_string().as_bytes(),
+            &roomcast_protocol::EventDefaults {
+                tenant: None,
+                now_ms: now_ms(),
+            },
+        )
+        .unwrap();
+        roomcast_broker_redis::publish_direct(&direct, ev)
+            .await
+            .expect("redis is back");
+    }
+    eventually("node ready again", RECOVERY, || async {
+        node.readyz().await == 200
+    })
+    .await;
+    publish_retrying(node.addr, &numbered(21), RECOVERY).await;
+    for seq in 1..=21 {
+        assert_eq!(
+            client.next_event().await["data"]["seq"],
+            seq,
+            "the gap is refilled in order"
+        );
+    }
+    node.publish(&event(&["team:1"], "fence", json!({}))).await;
+    assert!(
+        client.events_until("fence").await.is_empty(),
+        "no duplicate"
+    );
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// A node process with short presence timings.
+struct PresenceNode {
+    child: tokio::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl PresenceNode {
+    async fn start(redis_url: &str, prefix: &str) -> PresenceNode {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_roomcast"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--jwt-secret",
+                SECRET,
+                "--api-key",
+                API_KEY,
+                "--redis",
+                redis_url,
+                "--redis-prefix",
+                prefix,
+                "--presence-ttl",
+                "2s",
+                "--presence-heartbeat-interval",
+                "500ms",
+                "--presence-sweep-interval",
+                "200ms",
+                "--unsubscribe-delay",
+                "0s",
+            ])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if v["fields"]["message"] == "roomcast node listening" {
+                    return v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+                }
+            }
+            panic!("node exited before listening");
+        })
+        .await
+        .expect("node starts");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        PresenceNode { child, addr }
+    }
+}
+
+async fn next_of_type(client: &mut Client, kind: &str) -> Value {
+    loop {
+        let ev = client.next_event().await;
+        if ev["type"] == kind {
+            return ev;
+        }
+    }
+}
+
+#[tokio::test]
+async fn presence_spans_nodes_and_a_killed_node_leaves_no_ghost() {
+    let redis = RedisServer::start().await;
+    let prefix = unique_prefix();
+    let mut a = PresenceNode::start(redis.url(), &prefix).await;
+    let b = PresenceNode::start(redis.url(), &prefix).await;
+    let t1 = token_with_rooms("u1", &["task:t1"]);
+    let t2 = token_with_rooms("u2", &["task:t1"]);
+
+    let mut alice = Client::connect(b.addr, &t1).await;
+    alice.subscribe(&["task:t1"]).await;
+    let mut bob = Client::connect(a.addr, &t2).await;
+    bob.subscribe(&["task:t1"]).await;
+    let joined = next_of_type(&mut alice, "presence.joined").await;
+    assert_eq!(joined["data"]["user"], "u2");
+    assert!(
+        joined.get("id").is_none(),
+        "presence events are not in history"
+    );
+
+    alice
+        .send(json!({"op":"presence","ref":"p","room":"task:t1"}))
+        .await;
+    let who = alice.next_json().await;
+    assert_eq!(who["op"], "presence", "{who}");
+    let mut users: Vec<&str> = who["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["user"].as_str().unwrap())
+        .collect();
+    users.sort();
+    assert_eq!(users, ["u1", "u2"]);
+    let bob_sessions = &who["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["user"] == "u2")
+        .unwrap()["sessions"];
+    assert_eq!(bob_sessions[0]["session"], bob.welcome["session"]);
+    assert!(bob_sessions[0]["connected_at"].as_u64().unwrap() > 0);
+
+    // Bob's node dies without a goodbye: within the TTL, alice sees him leave.
+    a.child.start_kill().unwrap();
+    a.child.wait().await.unwrap();
+    let left = tokio::time::timeout(
+        Duration::from_secs(6),
+        next_of_type(&mut alice, "presence.left"),
+    )
+    .await
+    .expect("presence.left within the TTL plus a sweep");
+    assert_eq!(left["data"]["user"], "u2");
+    drop(bob);
+}
+
+#[tokio::test]
+async fn signals_reach_the_other_members_only_and_are_never_stored() {
+    let redis = RedisServer::start().await;
+    let prefix = unique_prefix();
+    let mut cfg = config(Backend::Standalone(redis.url()), &prefix);
+    cfg.limits.signal_messages = 3;
+    cfg.limits.signal_window = Duration::from_secs(60);
+    let a = TestNode::start(cfg.clone()).await;
+    let b = TestNode::start(cfg).await;
+    let mut typist = a.connect(&token("u1", &["1"])).await;
+    typist.subscribe(&["team:1"]).await;
+    let mut reader = b.connect(&token("u2", &["1"])).await;
+    reader.subscribe(&["team:1"]).await;
+
+    typist
+        .send(json!({"op":"signal","ref":"s1","room":"team:1","type":"typing","data":{"on":true}}))
+        .await;
+    assert_eq!(
+        typist.next_json().await,
+        json!({"op":"signaled","ref":"s1"})
+    );
+    let ev = reader.next_event().await;
+    assert_eq!(
+        (ev["type"].as_str(), ev["actor"].as_str()),
+        (Some("signal.typing"), Some("u1"))
+    );
+    assert_eq!(ev["data"], json!({"on":true}));
+
+    // Not to a room the sender is not in, and not past the budget.
+    typist
+        .send(json!({"op":"signal","ref":"s2","room":"team:2","type":"typing"}))
+        .await;
+    assert_eq!(typist.next_json().await["code"], "AUTHORIZATION_FAILED");
+    for i in 0..3 {
+        typist
+            .send(json!({"op":"signal","ref":format!("b{i}"),"room":"team:1","type":"typing"}))
+            .await;
+    }
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let m = typist.next_json().await;
+        codes.push(
+            m["code"]
+                .as_str()
+                .unwrap_or(m["op"].as_str().unwrap())
+                .to_owned(),
+        );
+    }
+    assert_eq!(codes, ["signaled", "signaled", "RATE_LIMIT_EXCEEDED"]);
+
+    // The sender never gets its own signal back, and history holds none.
+    a.publish(&event(&["team:1"], "fence", json!({}))).await;
+    assert!(typist.events_until("fence").await.is_empty());
+    let mut late = b.connect(&token("u3", &["1"])).await;
+    let reply = resume(&mut late, "team:1", "0-0").await;
+    assert_eq!(reply["recovered"], json!({"team:1": true}));
+    assert_eq!(
+        late.next_event().await["type"],
+        "fence",
+        "history holds the fence only"
+    );
+}

@@ -1,0 +1,154 @@
+//! Seed 002 (`/realtime?token=`): two nodes on a real Redis, a real HTTP
+//! authorization callback, and the `ws` npm client in e2e/seed002.mjs.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use roomcast_testkit::{unique_prefix, RedisServer};
+use serde_json::Value;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// An HTTP authorization callback: allows the rooms in `allow`, denies the
+/// rest, and records every room it was asked about.
+struct Callback {
+    addr: SocketAddr,
+    asked: Arc<Mutex<Vec<String>>>,
+}
+
+impl Callback {
+    async fn start(allow: &'static [&'static str]) -> Callback {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let log = asked.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let log = log.clone();
+                tokio::spawn(async move {
+                    let Some(body) = read_request(&mut s).await else {
+                        return;
+                    };
+                    let q: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    let room = q["room"].as_str().unwrap_or_default().to_owned();
+                    let allow = allow.contains(&room.as_str());
+                    log.lock().unwrap().push(room);
+                    let body = format!("{{\"allow\":{allow}}}");
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = s.write_all(reply.as_bytes()).await;
+                    let _ = s.shutdown().await;
+                });
+            }
+        });
+        Callback { addr, asked }
+    }
+}
+
+/// Reads one HTTP/1.1 request and returns its body.
+async fn read_request(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if buf.len() >= end + 4 + len {
+            return Some(buf[end + 4..end + 4 + len].to_vec());
+        }
+    }
+}
+
+fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs `node e2e/<script>` with `env`, failing the test (with its output)
+/// unless it exits 0 within `within`.
+pub async fn run_node_script(script: &str, env: &[(&str, String)], within: Duration) {
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(format!("e2e/{script}"))
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("node is installed");
+    let collect = |mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>| {
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf).await;
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let stdout = collect(Box::new(child.stdout.take().unwrap()));
+    let stderr = collect(Box::new(child.stderr.take().unwrap()));
+    let status = tokio::time::timeout(within, child.wait()).await;
+    if status.is_err() {
+        let _ = child.kill().await;
+    }
+    let text = format!(
+        "--- stdout\n{}\n--- stderr\n{}",
+        stdout.await.unwrap(),
+        stderr.await.unwrap()
+    );
+    match status {
+        Ok(status) => assert!(status.unwrap().success(), "{script} failed\n{text}"),
+        Err(_) => panic!("{script} did not finish within {within:?}\n{text}"),
+    }
+    println!("{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_client_subscribes_to_teams_and_tasks_through_the_callback() {
+    let redis = RedisServer::start().await;
+    let prefix = unique_prefix();
+    let callback = Callback::start(&["task:k1@team:t1"]).await;
+    let mut nodes = Vec::new();
+    for _ in 0..2 {
+        let mut c = config(Backend::Standalone(redis.url()), &prefix);
+        c.auth.authz_callback_url = Some(format!("http://{}/authorize", callback.addr));
+        nodes.push(TestNode::start(c).await);
+    }
+    let env = [
+        ("NODE_A", nodes[0].addr.to_string()),
+        ("NODE_B", nodes[1].addr.to_string()),
+        ("TOKEN_MEMBER", token("u1", &["t1"])),
+        ("TOKEN_OUTSIDER", token("u2", &["t2"])),
+        ("API_KEY", API_KEY.to_owned()),
+        ("TENANT", TENANT.to_owned()),
+    ];
+    run_node_script("seed002.mjs", &env, Duration::from_secs(30)).await;
+    let mut asked = callback.asked.lock().unwrap().clone();
+    asked.sort();
+    assert_eq!(
+        asked,
+        ["task:k1@team:t1", "task:k2@team:t1"],
+        "the callback decides task rooms (naming the team); team rooms and \
+         tasks of foreign teams never reach it"
+    );
+    for node in nodes {
+        node.stop().await;
+    }
+}

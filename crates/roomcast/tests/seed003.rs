@@ -1,0 +1,248 @@
+//! Seed 003 (Socket.IO v4 on `/socket.io/`, namespace `/ws/app`): two nodes
+//! on a real Redis, a real HTTP authorization callback, and the official
+//! socket.io-client in e2e/seed003.mjs (polling + upgrade, websocket only,
+//! polling only).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use roomcast_auth::{mint_hs256, Expiry, MintClaims};
+use roomcast_testkit::{unique_prefix, RedisServer};
+use serde_json::Value;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// An HTTP authorization callback that allows `conversation:c1` to u1 and u2.
+async fn callback() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Some(body) = read_request(&mut s).await else {
+                    return;
+                };
+                let q: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let allow =
+                    q["room"] == "conversation:c1" && (q["user"] == "u1" || q["user"] == "u2");
+                let body = format!("{{\"allow\":{allow}}}");
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(reply.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Reads one HTTP/1.1 request and returns its body.
+async fn read_request(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if buf.len() >= end + 4 + len {
+            return Some(buf[end + 4..end + 4 + len].to_vec());
+        }
+    }
+}
+
+/// A token as the product mints it: no tenant claim (the dialect's default).
+fn token(user: &str, expiry: Expiry) -> String {
+    let mut c = MintClaims::new(user, TENANT);
+    c.tenant = None;
+    c.expiry = expiry;
+    mint_hs256(SECRET.as_bytes(), &c)
+}
+
+fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs `node e2e/<script>` with `env`, failing the test (with its output)
+/// unless it exits 0 within `within`.
+async fn run_node_script(script: &str, env: &[(&str, String)], within: Duration) {
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.arg(format!("e2e/{script}"))
+        .current_dir(repo_root())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().expect("node is installed");
+    let out = tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} did not finish within {within:?}"))
+        .unwrap();
+    let text = format!(
+        "--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{script} failed: {}\n{text}",
+        out.status
+    );
+    println!("{text}");
+}
+
+async fn two_nodes(redis: &RedisServer) -> (TestNode, TestNode) {
+    let cb = callback().await;
+    let prefix = unique_prefix();
+    let cfg = || {
+        let mut c = config(Backend::Standalone(redis.url()), &prefix);
+        c.auth.authz_callback_url = Some(format!("http://{cb}/authorize"));
+        c.dialects.seed003.tenant = TENANT.into();
+        c
+    };
+    (TestNode::start(cfg()).await, TestNode::start(cfg()).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_io_client_over_polling_upgrade_and_websocket_on_two_nodes() {
+    let redis = RedisServer::start().await;
+    let (a, b) = two_nodes(&redis).await;
+    let past = roomcast_auth::unix_now() - 60;
+    let env = [
+        ("NODE_A", format!("http://{}", a.addr)),
+        ("NODE_B", format!("http://{}", b.addr)),
+        (
+            "TOKEN_U1",
+            token("u1", Expiry::In(Duration::from_secs(3600))),
+        ),
+        (
+            "TOKEN_U2",
+            token("u2", Expiry::In(Duration::from_secs(3600))),
+        ),
+        (
+            "TOKEN_U3",
+            token("u3", Expiry::In(Duration::from_secs(3600))),
+        ),
+        ("TOKEN_EXPIRED", token("u1", Expiry::At(past))),
+        ("API_KEY", API_KEY.to_owned()),
+        ("TENANT", TENANT.to_owned()),
+    ];
+    run_node_script("seed003.mjs", &env, Duration::from_secs(60)).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_io_handshake_and_errors_over_raw_http() {
+    let redis = RedisServer::start().await;
+    let (a, b) = two_nodes(&redis).await;
+    let (status, body) = http_get(a.addr, "/socket.io/?EIO=4&transport=polling").await;
+    assert_eq!(status, 200, "{body}");
+    let open: Value =
+        serde_json::from_str(body.strip_prefix('0').expect("an open packet")).unwrap();
+    assert_eq!(open["upgrades"], serde_json::json!(["websocket"]));
+    assert_eq!(open["pingInterval"], 25000);
+    assert_eq!(open["pingTimeout"], 20000);
+    assert_eq!(open["maxPayload"], 5120);
+    let sid = open["sid"].as_str().unwrap();
+    // Another node does not hold the sid.
+    let (status, body) = http_get(
+        b.addr,
+        &format!("/socket.io/?EIO=4&transport=polling&sid={sid}"),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap(),
+        serde_json::json!({"code": 1, "message": "Session ID unknown"})
+    );
+    // A CONNECT without a token, then the poll that carries the answer.
+    let path = format!("/socket.io/?EIO=4&transport=polling&sid={sid}");
+    let (status, body) = http_request(
+        a.addr,
+        "POST",
+        &path,
+        &[("Content-Type", "text/plain")],
+        "40/ws/app,{}",
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    let (status, body) = http_get(a.addr, &path).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.starts_with("44/ws/app,") && body.contains("socket_error:unauthorized"),
+        "{body}"
+    );
+    // Bad version, unknown transport, an oversized POST.
+    assert_eq!(
+        http_get(a.addr, "/socket.io/?EIO=3&transport=polling")
+            .await
+            .0,
+        400
+    );
+    assert_eq!(
+        http_get(a.addr, "/socket.io/?EIO=4&transport=carrier-pigeon")
+            .await
+            .0,
+        400
+    );
+    let big = format!("42/ws/app,[\"x\",\"{}\"]", "y".repeat(6000));
+    let (status, _) = http_request(a.addr, "POST", &path, &[], &big).await;
+    assert_eq!(status, 413);
+    eventually("the oversized session is gone", PATIENCE, || async {
+        http_get(a.addr, &path).await.0 == 400
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_never_pongs_is_closed_after_ping_timeout() {
+    let redis = RedisServer::start().await;
+    let mut c = config(Backend::Standalone(redis.url()), &unique_prefix());
+    c.dialects.seed003.ping_interval = Duration::from_millis(200);
+    c.dialects.seed003.ping_timeout = Duration::from_millis(200);
+    let node = TestNode::start(c).await;
+    let (_, body) = http_get(node.addr, "/socket.io/?EIO=4&transport=polling").await;
+    let open: Value = serde_json::from_str(body.strip_prefix('0').unwrap()).unwrap();
+    let path = format!(
+        "/socket.io/?EIO=4&transport=polling&sid={}",
+        open["sid"].as_str().unwrap()
+    );
+    // The long poll returns the server's ping; it goes unanswered.
+    let (status, body) = http_get(node.addr, &path).await;
+    assert_eq!((status, body.as_str()), (200, "2"));
+    // The next poll ends with the close packet, then the sid is gone.
+    let (status, body) = http_get(node.addr, &path).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "1"),
+        "closed after pingTimeout"
+    );
+    assert_eq!(http_get(node.addr, &path).await.0, 400);
+    eventually("the connection slot is released", PATIENCE, || async {
+        node.node.connection_count() == 0
+    })
+    .await;
+    node.stop().await;
+}

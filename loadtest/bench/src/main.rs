@@ -1,0 +1,119 @@
+//! roomcast-bench: runs benchmark scenarios against real `roomcast serve`
+//! nodes and a real `redis-server` it starts itself, on loopback, and prints
+//! one table (optionally JSON). Re-executes itself as load-generator workers
+//! (`worker`) and as the floor probe (`floor`). See docs/performance.md.
+
+mod common;
+mod floor;
+mod procs;
+mod publish;
+mod scenarios;
+mod worker;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "roomcast benchmark tool (loopback only, bounded, cleans up after itself)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run scenarios: idle, connect-storm, fanout, floor, broadcast, sweep, cluster
+    /// (default: the standard set, everything but cluster).
+    Run(Opts),
+    /// Internal: a load-generator worker process.
+    Worker {
+        #[arg(long)]
+        spec: String,
+    },
+    /// Internal: the floor probe process.
+    Floor {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        rooms: usize,
+    },
+}
+
+#[derive(Parser, Clone, Debug)]
+pub struct Opts {
+    /// Scenarios to run, in this order.
+    pub scenarios: Vec<String>,
+    /// The server binary (copied into the run directory before use).
+    #[arg(long, default_value = "target/release/roomcast")]
+    pub server_bin: PathBuf,
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server: PathBuf,
+    /// Write every row (and the machine) as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// fanout/broadcast/sweep: connections, rooms and nodes.
+    #[arg(long, default_value_t = 10_000)]
+    pub conns: usize,
+    #[arg(long, default_value_t = 100)]
+    pub rooms: usize,
+    #[arg(long, default_value_t = 2)]
+    pub nodes: usize,
+    /// fanout, floor and broadcast: target deliveries per second.
+    #[arg(long, default_value_t = 100_000.0)]
+    pub rate: f64,
+    /// Measured seconds per fanout/broadcast/floor step.
+    #[arg(long, default_value_t = 10.0)]
+    pub secs: f64,
+    /// sweep: target deliveries/s per step (comma-separated).
+    #[arg(long, default_value = "50000,100000,150000,200000,250000,300000", value_delimiter = ',')]
+    pub sweep: Vec<f64>,
+    /// sweep: measured seconds per step.
+    #[arg(long, default_value_t = 5.0)]
+    pub sweep_secs: f64,
+    /// idle and connect-storm: connections to one node.
+    #[arg(long, default_value_t = 15_000)]
+    pub idle_conns: usize,
+    /// connect-storm: connections being established at once, per worker.
+    #[arg(long, default_value_t = 256)]
+    pub storm_concurrency: usize,
+    /// cluster: nodes, connections, rooms, target deliveries/s, seconds.
+    #[arg(long, default_value_t = 3)]
+    pub cluster_nodes: usize,
+    #[arg(long, default_value_t = 100_000.0)]
+    pub cluster_rate: f64,
+    #[arg(long, default_value_t = 20.0)]
+    pub cluster_secs: f64,
+    /// Connections per worker process (each is one single-threaded process).
+    #[arg(long, default_value_t = 5_000)]
+    pub per_worker: usize,
+    /// Keep the run directory (node and redis logs) after the run.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Worker { spec } => worker::main(serde_json::from_str(&spec)?),
+        Cmd::Floor { listen, rooms } => floor::main(listen, rooms),
+        Cmd::Run(opts) => {
+            common::raise_nofile();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let res = rt.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    r = scenarios::run(opts) => r,
+                    _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+                    _ = term.recv() => Err(anyhow::anyhow!("terminated")),
+                }
+            });
+            procs::kill_all();
+            res
+        }
+    }
+}

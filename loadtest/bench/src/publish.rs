@@ -1,0 +1,185 @@
+//! The event generator: publishes straight into Redis the way a domain
+//! service does (docs/redis.md: EVALSHA of the publish script, one per room,
+//! `KEYS = [stream, channel, trim mark]`), pipelined on one raw RESP
+//! connection, paced every millisecond.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{now_ns, room_name, Rng, PREFIX, TENANT};
+
+pub const SCRIPT: &str = include_str!("publish.lua");
+
+fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// One RESP reply at the start of `b`: (bytes used, error text if an error).
+fn parse_reply(b: &[u8]) -> Option<(usize, Option<String>, Vec<u8>)> {
+    let nl = memchr::memmem::find(b, b"\r\n")?;
+    let line = &b[1..nl];
+    match b.first()? {
+        b'+' | b':' => Some((nl + 2, None, line.to_vec())),
+        b'-' => Some((nl + 2, Some(String::from_utf8_lossy(line).into_owned()), vec![])),
+        b'$' => {
+            let n: i64 = std::str::from_utf8(line).ok()?.parse().ok()?;
+            if n < 0 {
+                return Some((nl + 2, None, vec![]));
+            }
+            let end = nl + 2 + n as usize + 2;
+            (b.len() >= end).then(|| (end, None, b[nl + 2..end - 2].to_vec()))
+        }
+        _ => Some((b.len(), Some("unexpected reply type".into()), vec![])),
+    }
+}
+
+async fn roundtrip(s: &mut TcpStream, args: &[&[u8]]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    encode(&mut out, args);
+    s.write_all(&out).await?;
+    let mut buf = Vec::new();
+    loop {
+        if s.read_buf(&mut buf).await? == 0 {
+            bail!("redis closed");
+        }
+        if let Some((_, err, v)) = parse_reply(&buf) {
+            if let Some(e) = err {
+                bail!("redis: {e}");
+            }
+            return Ok(v);
+        }
+    }
+}
+
+/// Loads the publish script; returns its sha.
+pub async fn load_script(addr: &str) -> Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    let sha = roundtrip(&mut s, &[b"SCRIPT", b"LOAD", SCRIPT.as_bytes()]).await?;
+    Ok(String::from_utf8(sha)?)
+}
+
+pub async fn ping(addr: &str) -> Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    roundtrip(&mut s, &[b"PING"]).await?;
+    Ok(())
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct PubReport {
+    pub published: u64,
+    /// Deliveries the run should produce: Σ room size over the publishes.
+    pub expected: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub elapsed_s: f64,
+}
+
+/// Publishes `rate` events/s for `secs`, each into one random room, tagged
+/// `"w":w` (1 = measured, 0 = warm-up).
+pub async fn run(
+    addr: &str,
+    sha: &str,
+    sizes: &[u64],
+    rate: f64,
+    secs: f64,
+    w: u8,
+    rng: &mut Rng,
+    seq: &mut u64,
+) -> Result<PubReport> {
+    let s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let (mut rd, mut wr) = s.into_split();
+    let total = (rate * secs).round() as u64;
+    let reader = tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(64 * 1024);
+        let (mut got, mut errors, mut first) = (0u64, 0u64, None::<String>);
+        while got < total {
+            match rd.read_buf(&mut buf).await {
+                Ok(n) if n > 0 => {}
+                _ => break,
+            }
+            let mut pos = 0;
+            while let Some((used, err, _)) = parse_reply(&buf[pos..]) {
+                pos += used;
+                got += 1;
+                if let Some(e) = err {
+                    errors += 1;
+                    first.get_or_insert(e);
+                }
+            }
+            buf.drain(..pos);
+        }
+        (got, errors, first)
+    });
+    let mut rep = PubReport::default();
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut out = Vec::with_capacity(64 * 1024);
+    let names: Vec<[String; 3]> = (0..sizes.len())
+        .map(|r| {
+            let tag = format!("{PREFIX}{{{TENANT}/{}}}", room_name(r));
+            [format!("{tag}:h"), format!("{tag}:c"), format!("{tag}:t")]
+        })
+        .collect();
+    while rep.published < total {
+        tick.tick().await;
+        let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
+        out.clear();
+        while rep.published < due {
+            let r = rng.below(sizes.len());
+            *seq += 1;
+            let t = now_ns();
+            let env = format!(
+                r#"{{"v":1,"tenant":"{TENANT}","rooms":["{}"],"type":"bench","ts":{},"data":{{"w":{w},"seq":{},"t_ns":{t}}}}}"#,
+                room_name(r),
+                t / 1_000_000,
+                *seq
+            );
+            let [h, c, tm] = &names[r];
+            encode(
+                &mut out,
+                &[
+                    b"EVALSHA",
+                    sha.as_bytes(),
+                    b"3",
+                    h.as_bytes(),
+                    c.as_bytes(),
+                    tm.as_bytes(),
+                    b"*",
+                    env.as_bytes(),
+                    b"1000",
+                    b"125",
+                    b"3600000",
+                    b"PUBLISH",
+                ],
+            );
+            rep.expected += sizes[r];
+            rep.published += 1;
+        }
+        if !out.is_empty() {
+            wr.write_all(&out).await?;
+        }
+    }
+    rep.elapsed_s = start.elapsed().as_secs_f64();
+    match tokio::time::timeout(Duration::from_secs(10), reader).await {
+        Ok(Ok((got, errors, first))) => {
+            rep.errors = errors + total.saturating_sub(got);
+            rep.first_error = first;
+        }
+        _ => {
+            rep.errors = total;
+            rep.first_error = Some("no replies from redis within 10 s".into());
+        }
+    }
+    Ok(rep)
+}

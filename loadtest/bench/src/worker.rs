@@ -1,0 +1,288 @@
+//! A load-generator worker process: holds `count` client connections on a
+//! single-threaded runtime (raw tokio TCP and a minimal WebSocket framing:
+//! masked client frames, unmasked server frames), answers pings, and records
+//! publish→deliver latency from the `t_ns` the publisher put in each event.
+//! Driven over stdin/stdout by the orchestrator, one line per command.
+
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use hdrhistogram::Histogram;
+use memchr::memmem;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::common::{
+    mint, now_ms, now_ns, room_name, source_of, ConnectReport, WorkerSpec, WorkerStats,
+};
+
+struct Stats {
+    hist: Histogram<u64>,
+    measured: u64,
+    all: u64,
+    closed: u64,
+}
+
+thread_local! {
+    static W1: memmem::Finder<'static> = memmem::Finder::new(br#""w":1"#);
+    static TNS: memmem::Finder<'static> = memmem::Finder::new(br#""t_ns":"#);
+    static STATS: RefCell<Stats> = RefCell::new(Stats {
+        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+        measured: 0,
+        all: 0,
+        closed: 0,
+    });
+}
+
+pub fn main(spec: WorkerSpec) -> Result<()> {
+    crate::common::raise_nofile();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(spec))
+}
+
+async fn run(spec: WorkerSpec) -> Result<()> {
+    let spec = Arc::new(spec);
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        match line.trim() {
+            "connect" => {
+                let report = connect_all(&spec).await;
+                println!("{}", serde_json::to_string(&report)?);
+            }
+            "stats" => {
+                let s = STATS.with(|s| {
+                    let s = s.borrow();
+                    WorkerStats {
+                        measured: s.measured,
+                        all: s.all,
+                        closed: s.closed,
+                        hist: s
+                            .hist
+                            .iter_recorded()
+                            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                            .collect(),
+                    }
+                });
+                println!("{}", serde_json::to_string(&s)?);
+            }
+            "reset" => {
+                STATS.with(|s| {
+                    let mut s = s.borrow_mut();
+                    s.hist.reset();
+                    s.measured = 0;
+                    s.all = 0;
+                });
+                println!("ok");
+            }
+            "quit" | "" => break,
+            other => println!("{{\"error\":\"unknown command {other}\"}}"),
+        }
+    }
+    std::process::exit(0);
+}
+
+async fn connect_all(spec: &Arc<WorkerSpec>) -> ConnectReport {
+    let sem = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    for i in spec.first..spec.first + spec.count {
+        let (spec, sem, tx) = (spec.clone(), sem.clone(), tx.clone());
+        tokio::spawn(async move {
+            let permit = sem.acquire_owned().await.expect("never closed");
+            let res = tokio::time::timeout(Duration::from_secs(30), establish(&spec, i)).await;
+            drop(permit);
+            match res {
+                Ok(Ok((stream, buf))) => {
+                    let _ = tx.send(Ok(now_ms()));
+                    read_loop(stream, buf).await;
+                }
+                Ok(Err(e)) => {
+                    let _ = tx.send(Err(format!("conn {i}: {e:#}")));
+                }
+                Err(_) => {
+                    let _ = tx.send(Err(format!("conn {i}: timed out after 30 s")));
+                }
+            }
+        });
+    }
+    drop(tx);
+    let mut report = ConnectReport::default();
+    for _ in 0..spec.count {
+        match rx.recv().await {
+            Some(Ok(t)) => {
+                report.ok += 1;
+                report.last_subscribed_ms = report.last_subscribed_ms.max(t);
+            }
+            Some(Err(e)) => {
+                report.failed += 1;
+                report.first_error.get_or_insert(e);
+            }
+            None => break,
+        }
+    }
+    report
+}
+
+/// One WebSocket frame header: (opcode, header length, payload length).
+fn parse_header(b: &[u8]) -> Option<(u8, usize, usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    let opcode = b[0] & 0x0f;
+    let masked = b[1] & 0x80 != 0;
+    let (len, mut hl) = match b[1] & 0x7f {
+        126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+        127 if b.len() >= 10 => (
+            u64::from_be_bytes(b[2..10].try_into().expect("8 bytes")) as usize,
+            10,
+        ),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    if masked {
+        hl += 4;
+    }
+    Some((opcode, hl, len))
+}
+
+/// A masked client frame (payload < 126 bytes).
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let key = (now_ns() as u32).to_be_bytes();
+    let mut f = Vec::with_capacity(6 + payload.len());
+    f.push(0x80 | opcode);
+    f.push(0x80 | payload.len() as u8);
+    f.extend_from_slice(&key);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    f
+}
+
+async fn establish(spec: &WorkerSpec, i: usize) -> Result<(TcpStream, Vec<u8>)> {
+    let layout = spec.layout;
+    let room = layout.room_of(i);
+    let target: SocketAddr = spec.targets[layout.node_of(i) % spec.targets.len()].parse()?;
+    let sock = TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(source_of(i).into(), 0))
+        .context("bind source address")?;
+    let mut s = sock.connect(target).await.context("connect")?;
+    s.set_nodelay(true)?;
+    let mut buf = Vec::with_capacity(1024);
+    if spec.mode == "floor" {
+        s.write_all(&(room as u16).to_be_bytes()).await?;
+        return Ok((s, buf));
+    }
+    let token = mint(spec.secret.as_bytes(), i, room);
+    let req = format!(
+        "GET /v1/ws?token={token} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let end = loop {
+        if s.read_buf(&mut buf).await? == 0 {
+            bail!("closed during handshake");
+        }
+        if let Some(p) = memmem::find(&buf, b"\r\n\r\n") {
+            break p + 4;
+        }
+    };
+    if !buf.starts_with(b"HTTP/1.1 101") {
+        bail!(
+            "handshake refused: {}",
+            String::from_utf8_lossy(&buf[..end.min(300)])
+        );
+    }
+    buf.drain(..end);
+    let sub = format!(
+        r#"{{"op":"subscribe","ref":"1","rooms":["{}"]}}"#,
+        room_name(room)
+    );
+    s.write_all(&client_frame(0x1, sub.as_bytes())).await?;
+    loop {
+        while let Some((op, hl, len)) = parse_header(&buf) {
+            if buf.len() < hl + len {
+                break;
+            }
+            let payload = &buf[hl..hl + len];
+            if op == 0x1 && memmem::find(payload, br#""op":"subscribed""#).is_some() {
+                if memmem::find(payload, br#""denied":[]"#).is_none() {
+                    bail!("denied: {}", String::from_utf8_lossy(payload));
+                }
+                buf.drain(..hl + len);
+                return Ok((s, buf));
+            }
+            if op == 0x8 {
+                bail!("closed: {:?}", String::from_utf8_lossy(payload));
+            }
+            buf.drain(..hl + len);
+        }
+        if s.read_buf(&mut buf).await? == 0 {
+            return Err(anyhow!("closed before subscribed"));
+        }
+    }
+}
+
+fn on_event(payload: &[u8]) {
+    let now = now_ns();
+    STATS.with(|s| {
+        let mut s = s.borrow_mut();
+        s.all += 1;
+        if W1.with(|f| f.find(payload)).is_none() {
+            return;
+        }
+        s.measured += 1;
+        if let Some(p) = TNS.with(|f| f.find(payload)) {
+            let digits = &payload[p + 7..];
+            let mut t = 0u64;
+            for &d in digits.iter().take_while(|d| d.is_ascii_digit()) {
+                t = t * 10 + (d - b'0') as u64;
+            }
+            let us = now.saturating_sub(t) / 1000;
+            s.hist.saturating_record(us.max(1));
+        }
+    });
+}
+
+async fn read_loop(mut s: TcpStream, mut buf: Vec<u8>) {
+    loop {
+        let mut pos = 0;
+        while let Some((op, hl, len)) = parse_header(&buf[pos..]) {
+            if buf.len() - pos < hl + len {
+                break;
+            }
+            let payload = &buf[pos + hl..pos + hl + len];
+            match op {
+                0x1 | 0x2 => on_event(payload),
+                0x9 => {
+                    let pong = client_frame(0xA, payload);
+                    if s.write_all(&pong).await.is_err() {
+                        STATS.with(|st| st.borrow_mut().closed += 1);
+                        return;
+                    }
+                }
+                0x8 => {
+                    STATS.with(|st| st.borrow_mut().closed += 1);
+                    return;
+                }
+                _ => {}
+            }
+            pos += hl + len;
+        }
+        buf.drain(..pos);
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(2048);
+        }
+        match s.read_buf(&mut buf).await {
+            Ok(n) if n > 0 => {}
+            _ => {
+                STATS.with(|st| st.borrow_mut().closed += 1);
+                return;
+            }
+        }
+    }
+}
