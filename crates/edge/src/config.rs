@@ -177,6 +177,13 @@ pub struct PublishSettings {
     pub api_keys: Vec<String>,
     /// Largest publish request body.
     pub max_body_bytes: usize,
+    /// Publishes handled at once by this node; past it, 429 (push back).
+    pub max_in_flight: usize,
+    /// While this node delivers events later than this after they were
+    /// published, the publish API answers 503 with Retry-After instead of
+    /// letting the cluster fall further behind.
+    #[serde(with = "duration")]
+    pub max_delivery_lag: Duration,
 }
 
 impl Default for PublishSettings {
@@ -184,6 +191,8 @@ impl Default for PublishSettings {
         Self {
             api_keys: Vec::new(),
             max_body_bytes: 1024 * 1024,
+            max_in_flight: 1024,
+            max_delivery_lag: Duration::from_secs(2),
         }
     }
 }
@@ -224,6 +233,8 @@ impl std::fmt::Debug for PublishSettings {
                 &format_args!("<{} redacted>", self.api_keys.len()),
             )
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_delivery_lag", &self.max_delivery_lag)
             .finish()
     }
 }
@@ -388,6 +399,9 @@ impl Config {
         }
         if self.broker.redis.is_some() && !self.broker.redis_cluster.is_empty() {
             return err("set broker.redis or broker.redis_cluster, not both");
+        }
+        if self.publish.max_in_flight == 0 || self.publish.max_delivery_lag.is_zero() {
+            return err("publish.max_in_flight and publish.max_delivery_lag must be positive");
         }
         if self.publish.api_keys.iter().any(|k| k.len() < 16) {
             return err("publish.api_keys must be at least 16 characters each");

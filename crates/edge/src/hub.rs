@@ -76,6 +76,7 @@ pub struct Hub {
     stripes: Box<[tokio::sync::Mutex<()>]>,
     broker: OnceLock<Arc<dyn Broker>>,
     presence: OnceLock<PresenceTracking>,
+    lag: crate::lag::LagTracker,
     unsubscribe_delay: Duration,
     metrics: HubMetrics,
 }
@@ -101,6 +102,7 @@ impl Hub {
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             broker: OnceLock::new(),
             presence: OnceLock::new(),
+            lag: crate::lag::LagTracker::default(),
             unsubscribe_delay,
             metrics: HubMetrics {
                 events_in: metrics::counter!("roomcast_events_in_total"),
@@ -121,6 +123,11 @@ impl Hub {
     /// Connects the hub to its broker; only the first call counts.
     pub fn attach(&self, broker: Arc<dyn Broker>) {
         let _ = self.broker.set(broker);
+    }
+
+    /// The largest publish→fan-out delay (ms) seen in the last second or two.
+    pub fn recent_lag_ms(&self) -> u64 {
+        self.lag.recent_max(now_ms())
     }
 
     /// Turns presence tracking on; only the first call counts.
@@ -446,9 +453,15 @@ impl Hub {
 impl EventSink for Hub {
     fn deliver(&self, room: &RoomKey, event: Arc<Event>) {
         self.metrics.events_in.increment(1);
+        let now = now_ms();
         if event.ts > 0 {
-            let lag_ms = now_ms().saturating_sub(event.ts);
+            let lag_ms = now.saturating_sub(event.ts);
             self.metrics.latency.record(lag_ms as f64 / 1000.0);
+        }
+        // The broker's own clock (the stream id's ms), not the publisher's ts,
+        // says how far behind fan-out runs.
+        if event.id != EventId::ZERO {
+            self.lag.record(now, now.saturating_sub(event.id.ms));
         }
         self.fan_out(room, &event);
     }

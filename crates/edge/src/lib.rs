@@ -15,6 +15,7 @@ mod frame;
 mod http;
 mod hub;
 mod ids;
+mod lag;
 mod metrics;
 mod native;
 mod node;

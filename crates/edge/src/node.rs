@@ -48,6 +48,8 @@ pub struct Node {
     authorizer: Authorizer,
     sessions: Box<[RegistryShard]>,
     connections: AtomicUsize,
+    /// Publishes being handled by the HTTP API right now.
+    publishes: Arc<AtomicUsize>,
     /// False once shutdown began, so `/readyz` fails before sockets close.
     accepting: AtomicBool,
     shutdown: watch::Sender<bool>,
@@ -143,6 +145,7 @@ impl Node {
             authorizer,
             sessions: (0..REGISTRY_SHARDS).map(|_| Mutex::default()).collect(),
             connections: AtomicUsize::new(0),
+            publishes: Arc::new(AtomicUsize::new(0)),
             accepting: AtomicBool::new(true),
             shutdown,
             routes,
@@ -185,6 +188,17 @@ impl Node {
     /// Ready: accepting and the broker is healthy.
     pub fn is_ready(&self) -> bool {
         self.accepting.load(Ordering::Acquire) && self.broker.healthy()
+    }
+
+    /// Publishes being handled right now.
+    pub fn publishes_in_flight(&self) -> usize {
+        self.publishes.load(Ordering::Acquire)
+    }
+
+    /// Counts a publish until the returned guard drops.
+    pub(crate) fn publish_started(&self) -> InFlight {
+        self.publishes.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.publishes.clone())
     }
 
     /// Open sessions on this node.
@@ -342,6 +356,15 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         tracing::info!(remaining = self.connection_count(), "drain finished");
+    }
+}
+
+/// One publish in flight, counted until dropped.
+pub(crate) struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -69,11 +69,43 @@ fn authenticate(node: &Node, req: &Request<Incoming>) -> Result<Publisher, Box<R
     }
 }
 
+/// Refuses a publish the node cannot take now: too many in flight (429),
+/// or deliveries running late (503). Either way with `Retry-After`.
+fn push_back(node: &Node) -> Option<Response<Body>> {
+    let settings = &node.config().publish;
+    let lag = node.hub().recent_lag_ms();
+    let (status, message) = if lag > settings.max_delivery_lag.as_millis() as u64 {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("deliveries are running {lag} ms behind; publish again shortly"),
+        )
+    } else if node.publishes_in_flight() >= settings.max_in_flight {
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "more than {} publishes in flight on this node",
+                settings.max_in_flight
+            ),
+        )
+    } else {
+        return None;
+    };
+    metrics::counter!("roomcast_publish_rejected_total", "reason" => if status == StatusCode::SERVICE_UNAVAILABLE { "lag" } else { "in_flight" }).increment(1);
+    let mut resp = json_error(status, ErrorCode::RateLimitExceeded, &message);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+    Some(resp)
+}
+
 pub(crate) async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
     let publisher = match authenticate(&node, &req) {
         Ok(p) => p,
         Err(resp) => return *resp,
     };
+    if let Some(refusal) = push_back(&node) {
+        return refusal;
+    }
+    let _in_flight = node.publish_started();
     let limit = node.config().publish.max_body_bytes;
     let body = match Limited::new(req.into_body(), limit).collect().await {
         Ok(b) => b.to_bytes(),

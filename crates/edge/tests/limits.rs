@@ -421,3 +421,81 @@ async fn draining_closes_sockets_with_1001() {
     assert_eq!(b.expect_close().await.0, 1001);
     stopping.await.unwrap();
 }
+
+/// A raw HTTP exchange: the whole response, head included.
+async fn raw_post(addr: std::net::SocketAddr, body: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "POST /v1/publish HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&raw).to_string()
+}
+
+#[tokio::test]
+async fn publishers_are_pushed_back_when_too_many_publishes_are_in_flight() {
+    let mut cfg = config();
+    cfg.publish.max_in_flight = 1;
+    let node = TestNode::start(cfg).await;
+    // A publish whose body never completes holds the only slot.
+    let mut stalled = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Length: 100\r\n\r\n{{"
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    eventually("the stalled publish is in flight", || {
+        node.node.publishes_in_flight() == 1
+    })
+    .await;
+    let response = raw_post(
+        node.addr,
+        &json!({"tenant":"acme","rooms":["team:1"],"type":"x"}).to_string(),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 429"), "{response}");
+    assert!(
+        response.to_ascii_lowercase().contains("retry-after: 1"),
+        "{response}"
+    );
+    assert!(response.contains("RATE_LIMIT_EXCEEDED"), "{response}");
+    drop(stalled);
+    eventually("the slot frees", || node.node.publishes_in_flight() == 0).await;
+    let (status, _) = node
+        .publish(json!({"tenant":"acme","rooms":["team:1"],"type":"ok"}))
+        .await;
+    assert_eq!(
+        status, 200,
+        "publishing resumes once the stalled one is gone"
+    );
+}
+
+#[tokio::test]
+async fn publishers_get_503_while_this_node_delivers_late() {
+    let node = TestNode::start(config()).await;
+    let mut c = node.connect(&token("u1", "acme", &["1"])).await;
+    c.subscribe(&["team:1"]).await;
+    // An event whose broker id says it was published long ago: fanning it
+    // out now means deliveries run late.
+    let (status, _) = node
+        .publish(json!({"tenant":"acme","rooms":["team:1"],"type":"late","id":"1-0"}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(c.next_json().await["type"], "late");
+    let response = raw_post(
+        node.addr,
+        &json!({"tenant":"acme","rooms":["team:1"],"type":"x"}).to_string(),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(
+        response.to_ascii_lowercase().contains("retry-after: 1"),
+        "{response}"
+    );
+    assert!(response.contains("behind"), "{response}");
+}
