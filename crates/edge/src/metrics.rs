@@ -30,6 +30,45 @@ pub fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// Creates the series dashboards and alerts read, at zero, so an idle node
+/// exports them (a counter first seen at its first increment makes
+/// `increase()` miss that increment and panels show "no data").
+pub(crate) fn register_defaults(max_connections: usize) {
+    metrics::gauge!("roomcast_connections_max").set(max_connections as f64);
+    for transport in ["ws", "sse", "poll", "socketio"] {
+        metrics::gauge!("roomcast_connections", "transport" => transport).increment(0.0);
+        metrics::counter!("roomcast_connections_total", "transport" => transport).increment(0);
+    }
+    for reason in [
+        "missing_token",
+        "malformed",
+        "bad_signature",
+        "wrong_algorithm",
+        "expired",
+        "not_yet_valid",
+        "missing_claim",
+        "invalid_claim",
+    ] {
+        metrics::counter!("roomcast_auth_failures_total", "reason" => reason).increment(0);
+    }
+    metrics::counter!("roomcast_rejected_connections_total", "reason" => "connection_limit")
+        .increment(0);
+    for reason in ["in_flight", "lag"] {
+        metrics::counter!("roomcast_publish_rejected_total", "reason" => reason).increment(0);
+    }
+    for code in [
+        "INVALID_MESSAGE",
+        "RATE_LIMIT_EXCEEDED",
+        "MESSAGE_TOO_LARGE",
+        "AUTHORIZATION_FAILED",
+    ] {
+        metrics::counter!("roomcast_client_errors_total", "code" => code).increment(0);
+    }
+    metrics::counter!("roomcast_events_published_total").increment(0);
+    metrics::counter!("roomcast_redis_reconnects_total").increment(0);
+    metrics::counter!("roomcast_broker_decode_errors_total").increment(0);
+}
+
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_gauge!(

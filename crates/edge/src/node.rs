@@ -102,6 +102,7 @@ impl Node {
     {
         config.validate()?;
         crate::metrics::prometheus();
+        crate::metrics::register_defaults(config.limits.max_connections);
         let verifier = crate::auth::verifier(&config).map_err(NodeError::Auth)?;
         let authorizer = crate::auth::authorizer(&config).map_err(NodeError::Auth)?;
         let hub = Hub::new(config.unsubscribe_delay);
