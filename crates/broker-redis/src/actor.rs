@@ -15,7 +15,7 @@ use roomcast_broker::Backoff;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 
 use crate::commands::Commands;
@@ -51,7 +51,9 @@ enum State {
 struct Link {
     endpoint: Endpoint,
     conn: Option<Conn>,
-    connecting: bool,
+    /// The task retrying the connection, while there is one: aborted when
+    /// the node leaves the slot map, so a dead node is not dialled forever.
+    connecting: Option<AbortHandle>,
     was_up: bool,
 }
 
@@ -153,6 +155,9 @@ impl Actor {
             if let Some(conn) = link.conn.take() {
                 conn.reader.abort();
             }
+            if let Some(task) = link.connecting.take() {
+                task.abort();
+            }
         }
     }
 
@@ -194,6 +199,7 @@ impl Actor {
                 let _ = done.send(());
             }
             Msg::Connected { addr, conn } => self.connected(addr, conn),
+            Msg::ConnectFailed { addr } => self.connect_failed(&addr),
             Msg::Link(event) => self.link_event(event),
             Msg::Topology(result) => self.topology(result),
         }
@@ -206,7 +212,7 @@ impl Actor {
                 Link {
                     endpoint,
                     conn: None,
-                    connecting: false,
+                    connecting: None,
                     was_up: false,
                 },
             );
@@ -220,15 +226,14 @@ impl Actor {
         let Some(link) = self.links.get_mut(&addr) else {
             return;
         };
-        if link.connecting || link.conn.is_some() {
+        if link.connecting.is_some() || link.conn.is_some() {
             return;
         }
-        link.connecting = true;
         let endpoint = link.endpoint.clone();
         let events = self.events.clone();
         let timeout = self.config.command_timeout;
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut wait = delay_first;
             loop {
                 if wait {
@@ -245,17 +250,34 @@ impl Actor {
                     }
                     Err(e) => {
                         tracing::debug!(addr = %addr, error = %e, attempt = backoff.attempts(), "redis subscriber connect failed");
+                        let _ = events.send(Msg::ConnectFailed { addr: addr.clone() });
                     }
                 }
             }
         });
+        link.connecting = Some(task.abort_handle());
+    }
+
+    /// A node we want is unreachable. In a Cluster it may have died and been
+    /// replaced by a replica; nothing else announces that (the dead node
+    /// cannot say MOVED and the survivors do not talk to us), so re-read the
+    /// slot map at the pace of the reconnect attempts. Once the slots list
+    /// the promoted replica, [`Actor::topology`] drops the dead node's link
+    /// and the rooms are subscribed on the new owner.
+    fn connect_failed(&mut self, addr: &Arc<str>) {
+        if self.links.contains_key(addr) {
+            self.request_topology(Duration::ZERO);
+        }
     }
 
     fn connected(&mut self, addr: Arc<str>, conn: Connected) {
         let Some(link) = self.links.get_mut(&addr) else {
             return; // no longer a node we use
         };
-        link.connecting = false;
+        link.connecting = None;
+        if link.conn.is_some() {
+            return; // already connected (a stale attempt finished late)
+        }
         self.next_conn_id += 1;
         let id = self.next_conn_id;
         let idle = self.config.keepalive * 3;
@@ -416,6 +438,9 @@ impl Actor {
                     if !keep {
                         if let Some(conn) = link.conn.take() {
                             conn.reader.abort();
+                        }
+                        if let Some(task) = link.connecting.take() {
+                            task.abort();
                         }
                     }
                     keep

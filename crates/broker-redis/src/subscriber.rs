@@ -32,6 +32,10 @@ pub(crate) enum Msg {
         addr: Arc<str>,
         conn: Connected,
     },
+    /// One connect attempt to `addr` failed (the task keeps retrying).
+    ConnectFailed {
+        addr: Arc<str>,
+    },
     Topology(Result<SlotMap, String>),
 }
 

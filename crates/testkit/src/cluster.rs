@@ -1,5 +1,6 @@
-//! A 3-master Redis Cluster per test, with a slot-migration helper for the
-//! topology-change tests.
+//! A Redis Cluster per test: 3 masters by default, optionally with replicas.
+//! Helpers migrate a slot and kill a master (then wait for its replica to
+//! take over) for the topology-change tests.
 
 use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
@@ -8,16 +9,28 @@ use std::time::{Duration, Instant};
 
 use crate::redis::{redis_cli, spawn_server, temp_dir, wait_ready};
 
-/// How long the cluster may take to agree on `cluster_state:ok`.
-const PATIENCE: Duration = Duration::from_secs(20);
+/// How long the cluster may take to agree on `cluster_state:ok`, and a
+/// replica to be promoted after its master died. Only a failing test waits
+/// this long.
+const PATIENCE: Duration = Duration::from_secs(30);
 
 /// Highest client port: the cluster bus listens on port + 10000.
 const MAX_PORT: u16 = 55535;
 
-/// A Redis Cluster of `masters` masters and no replicas on loopback.
+/// `cluster-node-timeout` without replicas: nothing fails over, so a
+/// loaded machine's pauses should not mark a node as failing.
+const NODE_TIMEOUT_MS: &str = "2000";
+
+/// `cluster-node-timeout` with replicas: short, so a killed master is
+/// declared failed and replaced within a couple of seconds.
+const FAILOVER_NODE_TIMEOUT_MS: &str = "1000";
+
+/// A Redis Cluster on loopback: masters, and optionally replicas of each.
 pub struct RedisCluster {
+    /// Every node's client port, in start order (see [`RedisCluster::urls`]).
     ports: Vec<u16>,
-    children: Vec<Child>,
+    /// The node processes, same order; `None` once a node was killed.
+    children: Vec<Option<Child>>,
     dirs: Vec<PathBuf>,
 }
 
@@ -45,12 +58,30 @@ impl RedisCluster {
     /// `redis-cli --cluster create`, and waits until every node reports
     /// `cluster_state:ok`.
     pub async fn start(masters: usize) -> RedisCluster {
+        Self::launch(masters, 0, NODE_TIMEOUT_MS).await
+    }
+
+    /// Like [`RedisCluster::start`], plus `replicas_per_master` replicas of
+    /// each master, a 1 s `cluster-node-timeout` (a killed master is
+    /// replaced within a few seconds) and no replica-validity limit (any
+    /// replica may take over). Returns once every replica's link to its
+    /// master is up, so what was written before is on the replicas too.
+    pub async fn start_with_replicas(masters: usize, replicas_per_master: usize) -> RedisCluster {
+        let cluster = Self::launch(masters, replicas_per_master, FAILOVER_NODE_TIMEOUT_MS).await;
+        cluster
+            .wait_replicas_synced(masters * replicas_per_master)
+            .await;
+        cluster
+    }
+
+    async fn launch(masters: usize, replicas: usize, node_timeout_ms: &str) -> RedisCluster {
+        let nodes = masters * (1 + replicas);
         let mut cluster = RedisCluster {
             ports: Vec::new(),
             children: Vec::new(),
             dirs: Vec::new(),
         };
-        while cluster.ports.len() < masters {
+        while cluster.ports.len() < nodes {
             let port = free_cluster_port(&cluster.ports);
             let dir = temp_dir("cluster");
             let mut child = spawn_server(
@@ -62,12 +93,18 @@ impl RedisCluster {
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-node-timeout",
-                    "2000",
+                    node_timeout_ms,
+                    "--cluster-replica-validity-factor",
+                    "0",
+                    // Feed a new replica at once instead of waiting 5 s for
+                    // more replicas to share the transfer.
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ],
             );
             if wait_ready(port, &mut child).await {
                 cluster.ports.push(port);
-                cluster.children.push(child);
+                cluster.children.push(Some(child));
             }
             cluster.dirs.push(dir);
         }
@@ -80,7 +117,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&hosts)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -91,16 +128,40 @@ impl RedisCluster {
         cluster
     }
 
-    /// Waits until every node says `cluster_state:ok` and agrees on who owns
-    /// every slot.
+    /// Waits until `expected` live nodes are replicas whose link to their
+    /// master is up (the initial sync is done).
+    async fn wait_replicas_synced(&self, expected: usize) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let synced = self
+                .live()
+                .filter(|&i| {
+                    let info = redis_cli(&self.url(i), &["INFO", "replication"]);
+                    info.contains("role:slave") && info.contains("master_link_status:up")
+                })
+                .count();
+            if synced >= expected {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {synced} of {expected} replicas synced with their masters"
+            );
+            // Polling replication state: nothing to await.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and they all
+    /// agree on who owns every slot.
     pub async fn wait_ok(&self) {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let ok = self
-                .urls()
+            let urls: Vec<String> = self.live().map(|i| self.url(i)).collect();
+            let ok = urls
                 .iter()
                 .all(|u| redis_cli(u, &["CLUSTER", "INFO"]).contains("cluster_state:ok"));
-            let views: Vec<String> = self.urls().iter().map(|u| slots_view(u)).collect();
+            let views: Vec<String> = urls.iter().map(|u| slots_view(u)).collect();
             if ok && views.windows(2).all(|w| w[0] == w[1]) {
                 return;
             }
@@ -110,22 +171,74 @@ impl RedisCluster {
         }
     }
 
-    /// One `redis://127.0.0.1:<port>/` per master.
+    /// One `redis://127.0.0.1:<port>/` per node, in start order (killed
+    /// nodes included, so indices stay stable). Without replicas these are
+    /// exactly the masters; with replicas, which node is a master is decided
+    /// by `redis-cli` and by failovers: see [`RedisCluster::masters`].
     pub fn urls(&self) -> Vec<String> {
-        self.ports
-            .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}/"))
-            .collect()
+        (0..self.ports.len()).map(|i| self.url(i)).collect()
     }
 
+    /// The client port of every node, in the order of [`RedisCluster::urls`].
     pub fn ports(&self) -> &[u16] {
         &self.ports
     }
 
-    /// The index (into `urls()`) of the master that owns `slot`.
+    fn url(&self, i: usize) -> String {
+        format!("redis://127.0.0.1:{}/", self.ports[i])
+    }
+
+    /// Indices of the nodes not killed.
+    fn live(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.ports.len()).filter(|&i| self.children[i].is_some())
+    }
+
+    /// The indices (into `urls()`) of the live nodes that are masters now.
+    pub fn masters(&self) -> Vec<usize> {
+        self.live()
+            .filter(|&i| redis_cli(&self.url(i), &["ROLE"]).starts_with("master"))
+            .collect()
+    }
+
+    /// Kills (SIGKILL: no goodbye to clients or peers) the master that owns
+    /// `slot` and returns its index. Its replica takes over after the node
+    /// timeout: see [`RedisCluster::wait_failover`].
+    pub fn kill_master_of(&mut self, slot: u16) -> usize {
+        let owner = self.owner_of(slot);
+        let mut child = self.children[owner]
+            .take()
+            .expect("the owner of a slot is alive");
+        let _ = child.kill();
+        let _ = child.wait();
+        owner
+    }
+
+    /// Waits until a node other than `dead` owns `slot`, answers as a
+    /// master, and every live node agrees (`cluster_state:ok`); returns the
+    /// new owner's index.
+    pub async fn wait_failover(&self, slot: u16, dead: usize) -> usize {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let owner = self.owner_of(slot);
+            if owner != dead && self.masters().contains(&owner) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no replica took over slot {slot} from node {dead}"
+            );
+            // Polling the cluster's failure detection and election.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.wait_ok().await;
+        self.owner_of(slot)
+    }
+
+    /// The index (into `urls()`) of the master that owns `slot`, as the
+    /// first live node sees it.
     pub fn owner_of(&self, slot: u16) -> usize {
-        let url = &self.urls()[0];
-        let nodes = redis_cli(url, &["CLUSTER", "NODES"]);
+        let first = self.live().next().expect("a live node");
+        let nodes = redis_cli(&self.url(first), &["CLUSTER", "NODES"]);
         for line in nodes.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
             if fields.len() < 9 {
@@ -202,9 +315,14 @@ impl RedisCluster {
             args.extend(keys);
             expect_ok(redis_cli(&urls[from], &args));
         }
-        // The importing node first, then the old owner, then the rest.
+        // The importing node first, then the old owner, then the other
+        // masters (replicas follow their masters and refuse SETSLOT).
         let mut order = vec![to, from];
-        order.extend((0..urls.len()).filter(|i| *i != to && *i != from));
+        order.extend(
+            self.masters()
+                .into_iter()
+                .filter(|i| *i != to && *i != from),
+        );
         for i in order {
             expect_ok(redis_cli(
                 &urls[i],
@@ -253,7 +371,7 @@ fn crc16(bytes: &[u8]) -> u16 {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        for child in &mut self.children {
+        for mut child in self.children.iter_mut().filter_map(Option::take) {
             let _ = child.kill();
             let _ = child.wait();
         }

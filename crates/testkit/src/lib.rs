@@ -1,6 +1,7 @@
 //! Test fixtures shared by roomcast's crates: real `redis-server` processes
-//! (a standalone server and a 3-master Redis Cluster) started on free
-//! loopback ports, killed on drop, with unique key prefixes per test.
+//! (a standalone server, and a Redis Cluster of masters with or without
+//! replicas) started on free loopback ports, killed on drop, with unique key
+//! prefixes per test.
 //!
 //! Test-only: nothing outside `[dev-dependencies]` may depend on this crate.
 //! Each fixture family lives in its own module; this file only declares them.

@@ -1,10 +1,11 @@
 //! Reconciling what Redis holds with what the node wants, and the health
 //! and resync bookkeeping that follows each change.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use super::{Actor, Mode, State, BATCH};
+use crate::names::slot_of;
 use crate::resp;
 
 /// What to send to one node in this round.
@@ -12,6 +13,29 @@ use crate::resp;
 struct Plan {
     sub: Vec<Box<[u8]>>,
     unsub: Vec<Box<[u8]>>,
+}
+
+/// Splits channels into commands of at most [`BATCH`] channels. Sharded
+/// (Cluster) commands may only name channels of one slot: SSUBSCRIBE or
+/// SUNSUBSCRIBE of channels in different slots fails with CROSSSLOT, so
+/// there each command carries one slot's channels.
+fn batches(mut channels: Vec<Box<[u8]>>, sharded: bool) -> Vec<Vec<Box<[u8]>>> {
+    let mut out = Vec::new();
+    if sharded {
+        let mut by_slot: BTreeMap<u16, Vec<Box<[u8]>>> = BTreeMap::new();
+        for ch in channels {
+            by_slot.entry(slot_of(&ch)).or_default().push(ch);
+        }
+        for group in by_slot.into_values() {
+            out.extend(group.chunks(BATCH).map(<[_]>::to_vec));
+        }
+    } else {
+        while !channels.is_empty() {
+            let rest = channels.split_off(channels.len().min(BATCH));
+            out.push(std::mem::replace(&mut channels, rest));
+        }
+    }
+    out
 }
 
 impl Actor {
@@ -70,10 +94,10 @@ impl Actor {
         }
         for (addr, p) in plan {
             let mut bytes = Vec::new();
-            for (cmd, list) in [(sub, &p.sub), (unsub, &p.unsub)] {
-                for chunk in list.chunks(BATCH) {
+            for (cmd, list) in [(sub, p.sub), (unsub, p.unsub)] {
+                for batch in batches(list, sharded) {
                     let mut args: Vec<&[u8]> = vec![cmd.as_bytes()];
-                    args.extend(chunk.iter().map(|c| &c[..]));
+                    args.extend(batch.iter().map(|c| &c[..]));
                     bytes.extend(resp::encode(&args));
                 }
             }
@@ -138,5 +162,29 @@ impl Actor {
             }
         }
         self.shared.set_healthy(self.state == State::Healthy);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch(s: &str) -> Box<[u8]> {
+        s.as_bytes().into()
+    }
+
+    #[test]
+    fn sharded_commands_never_span_slots() {
+        let channels = vec![ch("p:{a}:c"), ch("p:{b}:c"), ch("p:{a}:x"), ch("p:{c}:c")];
+        let sharded = batches(channels.clone(), true);
+        assert_eq!(sharded.len(), 3, "one command per slot: {sharded:?}");
+        for batch in &sharded {
+            let slot = slot_of(&batch[0]);
+            assert!(batch.iter().all(|c| slot_of(c) == slot));
+        }
+        assert_eq!(sharded.iter().map(Vec::len).sum::<usize>(), 4);
+        assert_eq!(batches(channels, false).len(), 1);
+        let many: Vec<Box<[u8]>> = (0..BATCH + 1).map(|i| ch(&format!("r{i}"))).collect();
+        assert_eq!(batches(many, false).len(), 2);
     }
 }
