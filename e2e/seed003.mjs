@@ -122,6 +122,8 @@ check(
   "presence snapshot shape",
   p2,
 );
+// The node reports the TCP peer's address (no X-Forwarded-For trusted).
+check(p2.sockets[0].ip === "127.0.0.1", "presence ip is the loopback address", p2);
 
 // 4. Joins with acks: members succeed, u3 is refused.
 check((await s1.emitWithAck("conversations:join", { conversationId: "c1" })).success === true, "u1 joins c1");

@@ -4,7 +4,8 @@
 //! Per room, three keys under the room's hash tag (one Cluster slot):
 //!
 //! ```text
-//! <prefix>{<tenant>/<room>}:p    HASH session → entry  (1\t<user>\t<node>\t<connected_at>\t<last_seen>[\t<user agent>])
+//! <prefix>{<tenant>/<room>}:p    HASH session → entry  (1\t<user>\t<node>\t<connected_at>\t<last_seen>[\t<user agent>],
+//!                                                        or with an IP: 2\t<user>\t<node>\t<connected_at>\t<last_seen>\t<ip>[\t<user agent>])
 //! <prefix>{<tenant>/<room>}:pz   ZSET session → expiry (unix ms, the writer's clock)
 //! <prefix>{<tenant>/<room>}:pu   HASH user → number of entries of that user in :p
 //! <prefix>{<tenant>/<room>}:pr   STRING mark: the room is listed in the registry
@@ -65,8 +66,11 @@ const SWEEP_BATCH: usize = 256;
 /// by the next call).
 const SWEEP_ROUNDS: usize = 16;
 
-/// Entry encoding version (the first field).
+/// Entry encoding version (the first field): 1 without an IP, 2 with one.
+/// An entry without an IP is still written as 1, so nodes that only read 1
+/// (before the IP) keep seeing those during a rolling upgrade.
 const ENTRY_VERSION: &str = "1";
+const ENTRY_VERSION_IP: &str = "2";
 
 /// `KEYS` = `:p`, `:pz`, `:pu`, `:pr`; `ARGV` = session, user, encoded
 /// entry, expiry ms, now ms, key grace ms. Returns `{joined (0|1), register
@@ -240,13 +244,19 @@ static SETTLE_LUA: Lua = Lua::new(SETTLE);
 
 /// The stored form of an entry (the session is the hash field):
 /// `1\t<user>\t<node>\t<connected_at>\t<last_seen>` plus `\t<user agent>`
-/// when there is one. Ids never contain a tab; the user agent is last, so
-/// it may.
+/// when there is one; with an IP, version `2` and `\t<ip>` before the user
+/// agent. Ids and IPs never contain a tab; the user agent is last, so it may.
 fn encode(entry: &PresenceEntry) -> String {
-    let mut s = format!(
-        "{ENTRY_VERSION}\t{}\t{}\t{}\t{}",
-        entry.user, entry.node, entry.connected_at, entry.last_seen
-    );
+    let mut s = match entry.ip.as_deref().filter(|ip| !ip.contains('\t')) {
+        None => format!(
+            "{ENTRY_VERSION}\t{}\t{}\t{}\t{}",
+            entry.user, entry.node, entry.connected_at, entry.last_seen
+        ),
+        Some(ip) => format!(
+            "{ENTRY_VERSION_IP}\t{}\t{}\t{}\t{}\t{ip}",
+            entry.user, entry.node, entry.connected_at, entry.last_seen
+        ),
+    };
     if let Some(ua) = &entry.user_agent {
         s.push('\t');
         s.push_str(ua);
@@ -255,17 +265,31 @@ fn encode(entry: &PresenceEntry) -> String {
 }
 
 fn decode(session: &str, value: &str) -> Option<PresenceEntry> {
-    let mut f = value.splitn(6, '\t');
-    if f.next()? != ENTRY_VERSION {
-        return None;
-    }
+    let (version, rest) = value.split_once('\t')?;
+    let with_ip = match version {
+        ENTRY_VERSION => false,
+        ENTRY_VERSION_IP => true,
+        _ => return None,
+    };
+    let mut f = rest.splitn(if with_ip { 6 } else { 5 }, '\t');
+    let session = session.parse().ok()?;
+    let user = f.next()?.parse().ok()?;
+    let node = f.next()?.parse().ok()?;
+    let connected_at = f.next()?.parse().ok()?;
+    let last_seen = f.next()?.parse().ok()?;
+    let ip = if with_ip {
+        Some(f.next()?.into())
+    } else {
+        None
+    };
     Some(PresenceEntry {
-        session: session.parse().ok()?,
-        user: f.next()?.parse().ok()?,
-        node: f.next()?.parse().ok()?,
-        connected_at: f.next()?.parse().ok()?,
-        last_seen: f.next()?.parse().ok()?,
+        session,
+        user,
+        node,
+        connected_at,
+        last_seen,
         user_agent: f.next().map(Into::into),
+        ip,
     })
 }
 
@@ -530,13 +554,32 @@ mod tests {
             connected_at: 1_717_000_000_000,
             last_seen: 1_717_000_000_500,
             user_agent: None,
+            ip: None,
         };
         assert_eq!(decode("s-1", &encode(&e)), Some(e.clone()));
-        for ua in ["", "Mozilla/5.0 (X11)\todd", "a\nb"] {
-            e.user_agent = Some(ua.into());
-            assert_eq!(decode("s-1", &encode(&e)), Some(e.clone()));
+        for ip in [None, Some("127.0.0.1"), Some("2001:db8::1")] {
+            e.ip = ip.map(Into::into);
+            for ua in ["", "Mozilla/5.0 (X11)\todd", "a\nb"] {
+                e.user_agent = Some(ua.into());
+                assert_eq!(decode("s-1", &encode(&e)), Some(e.clone()));
+            }
         }
-        assert_eq!(decode("s-1", "2\tu\tn\t1\t2"), None);
+        // Entries written before the IP was kept still decode.
+        let old = decode("s-1", "1\tu\tn\t1\t2\tMozilla/5.0 (X11)").unwrap();
+        assert_eq!(
+            (old.ip.as_deref(), old.user_agent.as_deref()),
+            (None, Some("Mozilla/5.0 (X11)"))
+        );
+        assert_eq!(
+            encode(&PresenceEntry { ip: None, ..old }),
+            "1\tu\tn\t1\t2\tMozilla/5.0 (X11)"
+        );
+        assert_eq!(
+            decode("s-1", "2\tu\tn\t1\t2"),
+            None,
+            "version 2 has an ip field"
+        );
+        assert_eq!(decode("s-1", "3\tu\tn\t1\t2"), None);
         assert_eq!(decode("s-1", "1\tu\tn\tx\t2"), None);
     }
 

@@ -30,6 +30,7 @@ fn entry(session: &str, user: &str, node: &str, at: u64) -> PresenceEntry {
         connected_at: at,
         last_seen: at,
         user_agent: Some(format!("agent of {session}").into()),
+        ip: None,
     }
 }
 

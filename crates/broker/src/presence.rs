@@ -25,6 +25,8 @@ pub struct PresenceEntry {
     /// Unix ms of the last heartbeat.
     pub last_seen: u64,
     pub user_agent: Option<Arc<str>>,
+    /// The client's IP address, when the session's transport reports it.
+    pub ip: Option<Arc<str>>,
 }
 
 /// What a presence write changed for the entry's user.
@@ -181,6 +183,7 @@ mod tests {
             connected_at: at,
             last_seen: at,
             user_agent: None,
+            ip: None,
         }
     }
 

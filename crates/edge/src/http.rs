@@ -84,6 +84,12 @@ fn into_wire(mut response: Response<Body>) -> Response<WireBody> {
     }
 }
 
+/// The TCP peer of the connection a request arrived on, put in the
+/// request's extensions before routing, for dialects that report the
+/// client's address (seed003 presence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PeerAddr(pub(crate) SocketAddr);
+
 /// Serves one TCP connection (HTTP/1.1 with upgrades).
 pub(crate) async fn serve_connection(node: Arc<Node>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
@@ -99,10 +105,11 @@ pub(crate) async fn serve_connection(node: Arc<Node>, stream: TcpStream, peer: S
     }
 }
 
-async fn route(node: Arc<Node>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+async fn route(node: Arc<Node>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
     // Only the path is ever logged: query strings may carry tokens.
     tracing::trace!(method = %req.method(), path = req.uri().path(), %peer, "request");
     if let Some(dialect) = node.dialect_for(req.uri().path()).cloned() {
+        req.extensions_mut().insert(PeerAddr(peer));
         return dialect.handle(&node, req).await;
     }
     match (req.method(), req.uri().path()) {

@@ -49,6 +49,11 @@ pub struct PresenceTracking {
     pub kinds: Vec<String>,
     pub ttl: Duration,
     pub node: roomcast_protocol::NodeId,
+    /// `(room kind, room)`: the sweep's `presence.left` for a room of that
+    /// kind is also announced in that room of the same tenant (seed003: a
+    /// `user:` room's lapsed user reaches the namespace-wide room), so
+    /// clients beyond the user's own room learn the user's node is gone.
+    pub left_also: Vec<(String, RoomName)>,
 }
 
 /// The result of a join.
@@ -212,6 +217,7 @@ impl Hub {
             connected_at: session.connected_at,
             last_seen: now,
             user_agent: session.user_agent().cloned(),
+            ip: session.ip().cloned(),
         };
         match store.upsert(key, entry, tracking.ttl, now).await {
             Ok(PresenceChange::UserJoined) => {
@@ -259,10 +265,24 @@ impl Hub {
         data: &serde_json::Value,
         except: Option<&roomcast_protocol::SessionId>,
     ) {
+        self.announce_in(key, &[], kind, user, data, except).await;
+    }
+
+    /// Publishes an ephemeral presence event to `key` and to `extra` rooms
+    /// of its tenant (a session in several gets it once).
+    async fn announce_in(
+        &self,
+        key: &RoomKey,
+        extra: &[RoomName],
+        kind: &str,
+        user: &roomcast_protocol::UserId,
+        data: &serde_json::Value,
+        except: Option<&roomcast_protocol::SessionId>,
+    ) {
         let event = Event {
             id: EventId::ZERO,
             tenant: key.tenant.clone(),
-            rooms: vec![key.room.clone()],
+            rooms: std::iter::once(&key.room).chain(extra).cloned().collect(),
             kind: Arc::from(kind),
             ts: now_ms(),
             actor: Some(Arc::from(user.as_str())),
@@ -283,11 +303,17 @@ impl Hub {
         let Some(store) = self.broker().presence() else {
             return;
         };
+        let also: &[(String, RoomName)] = self.presence.get().map_or(&[], |p| &p.left_also);
         match store.expire(now_ms()).await {
             Ok(lapsed) => {
                 for (key, user) in lapsed {
                     let data = serde_json::json!({ "user": user.as_str() });
-                    self.announce(&key, "presence.left", &user, &data, None)
+                    let extra: Vec<RoomName> = also
+                        .iter()
+                        .filter(|(kind, room)| kind == key.room.kind() && *room != key.room)
+                        .map(|(_, room)| room.clone())
+                        .collect();
+                    self.announce_in(&key, &extra, "presence.left", &user, &data, None)
                         .await;
                 }
             }

@@ -136,6 +136,7 @@ impl Node {
             kinds: config.presence.kinds.clone(),
             ttl: config.presence.ttl,
             node: id.clone(),
+            left_also: crate::dialects::seed003::presence_left_rooms(&config),
         });
         let (shutdown, _) = watch::channel(false);
         Ok(Arc::new(Node {

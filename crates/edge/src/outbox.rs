@@ -129,6 +129,8 @@ impl Outbox {
 
     /// Holds `frame` until `window` after the first frame of its `key` was
     /// held; a newer frame with the same key replaces it (the last wins).
+    /// A zero window replaces a held frame of the key, if any, and otherwise
+    /// sends at once: a newer frame never overtakes an older one of its key.
     pub(crate) fn push_coalesced(
         &self,
         key: &str,
@@ -142,6 +144,10 @@ impl Outbox {
         if let Some(held) = st.held.iter_mut().find(|h| &*h.key == key) {
             held.frame = frame;
             return Ok(());
+        }
+        if window.is_zero() {
+            drop(st);
+            return self.push(frame);
         }
         if st.frames.len() + st.held.len() >= self.max_frames {
             st.frames = VecDeque::new();
@@ -204,7 +210,15 @@ impl Outbox {
             st.writer_busy = true;
             // take() leaves an empty deque that has not allocated, so an
             // idle session holds no queue buffer.
-            return Ok(Next::Write(std::mem::take(&mut st.frames)));
+            let frames = std::mem::take(&mut st.frames);
+            let still_held = !st.held.is_empty();
+            drop(st);
+            if still_held {
+                // The caller learns when the held frames come due only from
+                // an `Err`: wake it once more to ask, or it sleeps past them.
+                self.ready.notify_one();
+            }
+            return Ok(Next::Write(frames));
         }
         Err(st.held.iter().map(|h| h.due).min())
     }
@@ -283,11 +297,39 @@ mod tests {
             Next::Close(..) => panic!("expected frames"),
         }
         assert_eq!(start.elapsed(), w, "held for exactly the window");
+        // A zero window replaces a held frame of its key, else sends now.
+        o.push_coalesced("f1", Bytes::from_static(b"3"), w).unwrap();
+        o.push_coalesced("f1", Bytes::from_static(b"4"), Duration::ZERO)
+            .unwrap();
+        o.push_coalesced("f2", Bytes::from_static(b"b"), Duration::ZERO)
+            .unwrap();
+        match o.next().await {
+            Next::Write(f) => assert_eq!(f, [Bytes::from_static(b"b")]),
+            Next::Close(..) => panic!("expected frames"),
+        }
+        match o.next().await {
+            Next::Write(f) => assert_eq!(f, [Bytes::from_static(b"4")]),
+            Next::Close(..) => panic!("expected frames"),
+        }
         o.push(Bytes::from_static(b"now")).unwrap();
         assert!(
             matches!(o.next().await, Next::Write(f) if f.len() == 1),
             "plain frames are not held"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_while_frames_are_held_wakes_the_writer_to_ask_when_they_are_due() {
+        let o = Outbox::new(10, 1000);
+        o.push_coalesced("k", Bytes::from_static(b"held"), Duration::from_secs(1))
+            .unwrap();
+        o.push(Bytes::from_static(b"now")).unwrap();
+        o.changed().await;
+        assert!(matches!(o.take_ready(), Ok(Next::Write(f)) if f.len() == 1));
+        tokio::time::timeout(Duration::from_millis(1), o.changed())
+            .await
+            .expect("woken again");
+        assert!(matches!(o.take_ready(), Err(Some(_))));
     }
 
     #[tokio::test]

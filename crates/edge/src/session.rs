@@ -52,6 +52,8 @@ pub struct Session {
     pub connected_at: u64,
     /// The client's User-Agent, when it sent one (for presence).
     user_agent: std::sync::OnceLock<Arc<str>>,
+    /// The client's IP address, when its dialect reports it (for presence).
+    ip: std::sync::OnceLock<Arc<str>>,
 }
 
 struct Replay {
@@ -80,6 +82,7 @@ impl Session {
             replaying: AtomicBool::new(false),
             connected_at: crate::hub::now_ms(),
             user_agent: std::sync::OnceLock::new(),
+            ip: std::sync::OnceLock::new(),
         }
     }
 
@@ -91,6 +94,15 @@ impl Session {
 
     pub fn user_agent(&self) -> Option<&Arc<str>> {
         self.user_agent.get()
+    }
+
+    /// Records the client's IP address (first call wins).
+    pub(crate) fn set_ip(&self, ip: &str) {
+        let _ = self.ip.set(Arc::from(ip));
+    }
+
+    pub fn ip(&self) -> Option<&Arc<str>> {
+        self.ip.get()
     }
 
     fn replays(&self) -> std::sync::MutexGuard<'_, Vec<Replay>> {

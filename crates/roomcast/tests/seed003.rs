@@ -9,12 +9,16 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
+use futures_util::{SinkExt, StreamExt};
 use roomcast_auth::{mint_hs256, Expiry, MintClaims};
+use roomcast_broker::PresenceEntry;
+use roomcast_protocol::RoomKey;
 use roomcast_testkit::{unique_prefix, RedisServer};
-use serde_json::Value;
+use serde_json::{json, Value};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
 
 /// An HTTP authorization callback that allows `conversation:c1` to u1 and u2.
 async fn callback() -> SocketAddr {
@@ -244,5 +248,110 @@ async fn a_session_that_never_pongs_is_closed_after_ping_timeout() {
         node.node.connection_count() == 0
     })
     .await;
+    node.stop().await;
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next text frame (an Engine.IO packet).
+async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        match tokio::time::timeout(PATIENCE, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return t.as_str().to_owned(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no packet in time: {other:?}"),
+        }
+    }
+}
+
+/// A raw Socket.IO client: Engine.IO over a websocket, then the namespace
+/// CONNECT with the token.
+async fn socket_io(addr: SocketAddr, token: &str) -> Ws {
+    let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    assert!(next_text(&mut ws).await.starts_with('0'), "the open packet");
+    let connect = format!("40/ws/app,{}", json!({ "token": token }));
+    ws.send(Message::text(connect)).await.unwrap();
+    let answer = next_text(&mut ws).await;
+    assert!(answer.starts_with("40/ws/app,"), "{answer}");
+    ws
+}
+
+/// The first Socket.IO event matching `pred`, answering the server's pings.
+async fn event_matching(ws: &mut Ws, what: &str, pred: impl Fn(&str, &Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut seen = Vec::new();
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not seen; seen {seen:?}"
+        );
+        let packet = next_text(ws).await;
+        if packet == "2" {
+            ws.send(Message::text("3")).await.unwrap();
+            continue;
+        }
+        if let Some(args) = packet.strip_prefix("42/ws/app,") {
+            let v: Value = serde_json::from_str(args).unwrap();
+            if pred(v[0].as_str().unwrap_or_default(), &v[1]) {
+                return v[1].clone();
+            }
+        }
+        seen.push(packet);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_reports_the_ip_and_a_lapsed_user_goes_offline() {
+    let redis = RedisServer::start().await;
+    let mut c = config(Backend::Standalone(redis.url()), &unique_prefix());
+    c.dialects.seed003.tenant = TENANT.into();
+    c.presence.sweep_interval = Duration::from_millis(100);
+    let node = TestNode::start(c).await;
+    let mut ws = socket_io(
+        node.addr,
+        &token("u1", Expiry::In(Duration::from_secs(3600))),
+    )
+    .await;
+    let own = event_matching(&mut ws, "u1's own snapshot", |n, d| {
+        n == "presence:update" && d["userId"] == "u1"
+    })
+    .await;
+    assert_eq!(own["isOnline"], true, "{own}");
+    assert_eq!(own["sockets"][0]["ip"], "127.0.0.1", "the TCP peer: {own}");
+
+    // What a crashed node leaves behind: u9's entry, never refreshed again.
+    // The sweep drops it once it lapses and announces `presence.left`, which
+    // reaches every socket of the namespace as u9's offline snapshot.
+    let store = node.node.broker().presence().expect("redis keeps presence");
+    let key = RoomKey::new(TENANT.parse().unwrap(), "user:u9".parse().unwrap());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let entry = PresenceEntry {
+        session: "s-on-a-dead-node".parse().unwrap(),
+        user: "u9".parse().unwrap(),
+        node: "n-crashed".parse().unwrap(),
+        connected_at: now,
+        last_seen: now,
+        user_agent: None,
+        ip: Some("10.0.0.9".into()),
+    };
+    store
+        .upsert(&key, entry, Duration::from_millis(300), now)
+        .await
+        .unwrap();
+    let gone = event_matching(&mut ws, "u9's offline snapshot", |n, d| {
+        n == "presence:update" && d["userId"] == "u9"
+    })
+    .await;
+    assert_eq!(gone["isOnline"], false, "{gone}");
+    assert_eq!(gone["sockets"], json!([]), "{gone}");
+    assert!(
+        gone["lastSeen"].as_u64().unwrap() >= now + 300,
+        "lastSeen is the sweep's time: {gone}"
+    );
     node.stop().await;
 }

@@ -317,3 +317,112 @@ async fn introspected_session_is_revalidated_and_closed_when_invalid() {
     assert_eq!(closed, Some(4401));
     node.stop().await;
 }
+
+/// Publishes `votes` (feature, count) VOTE_UPDATEs `every` apart, by u-voter,
+/// to a session of another user opened on `node`, and returns the
+/// VOTE_UPDATE frames that session receives until the last count of each
+/// feature has arrived.
+async fn votes_seen(node: &TestNode, votes: &[(&str, u64)], every: Duration) -> Vec<Value> {
+    let mut ws = open(node.addr, Some(&cookie("u-watcher", &[])))
+        .await
+        .unwrap();
+    // The session joins roadmap:all just after the upgrade: publish a
+    // FEATURE_UPDATE until one arrives.
+    let ready = json!({"tenant": ROADMAP_TENANT, "rooms": ["roadmap:all"],
+        "type": "FEATURE_UPDATE", "data": {"featureId": "f0", "changes": {"title": "t"}}});
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        assert_eq!(node.publish(&ready).await.0, 200);
+        if let Ok(Some(Ok(Message::Text(_)))) =
+            tokio::time::timeout(Duration::from_millis(200), ws.next()).await
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never received");
+    }
+    let mut tick = tokio::time::interval(every);
+    for (feature, count) in votes {
+        tick.tick().await;
+        let body = json!({"tenant": ROADMAP_TENANT,
+            "rooms": ["roadmap:all", format!("feature:{feature}")],
+            "type": "VOTE_UPDATE", "exclude_users": ["u-voter"],
+            "data": {"featureId": feature, "voteCount": count,
+                     "voterId": "u-voter", "action": "add"}});
+        assert_eq!(node.publish(&body).await.0, 200);
+    }
+    let mut last: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    for (feature, count) in votes {
+        last.insert(feature, *count);
+    }
+    let mut seen = Vec::new();
+    while !last.is_empty() {
+        let v = next(&mut ws).await.expect("the socket stays open");
+        if v["type"] != "VOTE_UPDATE" {
+            continue;
+        }
+        let feature = v["featureId"].as_str().unwrap();
+        if last.get(feature).copied() == v["voteCount"].as_u64() {
+            last.remove(feature);
+        }
+        seen.push(v);
+    }
+    seen
+}
+
+/// Alternating votes on f1 and f2, counts 1, 2, ... per feature.
+fn alternating(n: u64) -> Vec<(&'static str, u64)> {
+    (0..n)
+        .map(|i| (if i % 2 == 0 { "f1" } else { "f2" }, i / 2 + 1))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn votes_batch_only_when_broadcasts_near_the_global_cap() {
+    let redis = RedisServer::start().await;
+    let every = Duration::from_millis(250);
+    let votes = alternating(12);
+    // 4 broadcasts per second, each feature's votes 500 ms apart: far over
+    // the 100 ms vote window, and under the default cap (100/s).
+    let node = TestNode::start(node_config(&redis, &unique_prefix())).await;
+    let seen = votes_seen(&node, &votes, every).await;
+    let counts: Vec<(&str, u64)> = seen
+        .iter()
+        .map(|v| {
+            (
+                v["featureId"].as_str().unwrap(),
+                v["voteCount"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        counts, votes,
+        "under the cap every vote is delivered, in order"
+    );
+    node.stop().await;
+
+    // The same traffic over a cap of 3/s (batching from 2.4/s): votes of a
+    // feature coalesce over the 1 s batch window, the last count winning.
+    let mut c = node_config(&redis, &unique_prefix());
+    c.dialects.seed004.broadcast_cap = 3;
+    let node = TestNode::start(c).await;
+    let seen = votes_seen(&node, &votes, every).await;
+    assert!(
+        seen.len() < votes.len(),
+        "batched: {} frames for {} votes: {seen:?}",
+        seen.len(),
+        votes.len()
+    );
+    for feature in ["f1", "f2"] {
+        let counts: Vec<u64> = seen
+            .iter()
+            .filter(|v| v["featureId"] == feature)
+            .map(|v| v["voteCount"].as_u64().unwrap())
+            .collect();
+        assert!(
+            counts.windows(2).all(|w| w[0] < w[1]),
+            "{feature}: {counts:?}"
+        );
+        assert_eq!(counts.last(), Some(&6), "{feature}'s last count arrives");
+    }
+    node.stop().await;
+}

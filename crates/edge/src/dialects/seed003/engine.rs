@@ -50,17 +50,39 @@ pub(crate) const CONNECT_TIMEOUT: Disconnect = Disconnect {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ClientInfo {
     pub(crate) user_agent: Option<String>,
+    /// The TCP peer's address, or with `trust_forwarded_for` the last
+    /// `X-Forwarded-For` entry (the address the proxy saw).
+    pub(crate) ip: Option<String>,
 }
 
 impl ClientInfo {
-    pub(crate) fn from_headers(h: &http::HeaderMap) -> Self {
+    pub(crate) fn of<B>(req: &http::Request<B>, trust_forwarded_for: bool) -> Self {
+        let h = req.headers();
+        let forwarded = trust_forwarded_for.then(|| forwarded_for(h)).flatten();
+        let peer = req
+            .extensions()
+            .get::<crate::http::PeerAddr>()
+            .map(|p| p.0.ip());
         Self {
             user_agent: h
                 .get(http::header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
                 .map(|s| s.chars().take(256).collect()),
+            ip: forwarded.or(peer).map(|ip| ip.to_canonical().to_string()),
         }
     }
+}
+
+/// The last address of the last `X-Forwarded-For` header: the one the proxy
+/// in front of the node appended (earlier ones are the client's word).
+/// Entries may carry a port (`1.2.3.4:5678`, `[2001:db8::1]:443`).
+fn forwarded_for(h: &http::HeaderMap) -> Option<std::net::IpAddr> {
+    let last = h.get_all("x-forwarded-for").iter().next_back()?;
+    let entry = last.to_str().ok()?.rsplit(',').next()?.trim();
+    entry
+        .parse::<std::net::IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|a| a.ip()))
 }
 
 /// Timers that depend on the Socket.IO state.
@@ -347,5 +369,41 @@ pub(crate) struct PollClaim(Arc<Engine>);
 impl Drop for PollClaim {
     fn drop(&mut self) {
         self.0.polling.store(false, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(forwarded: &[&str]) -> http::Request<()> {
+        let mut req = http::Request::builder().header(http::header::USER_AGENT, "ua");
+        for f in forwarded {
+            req = req.header("x-forwarded-for", *f);
+        }
+        let mut req = req.body(()).unwrap();
+        req.extensions_mut().insert(crate::http::PeerAddr(
+            "[::ffff:127.0.0.1]:4000".parse().unwrap(),
+        ));
+        req
+    }
+
+    #[test]
+    fn client_ip_is_the_peer_unless_forwarded_for_is_trusted() {
+        let peer = |r: &http::Request<()>, trust| ClientInfo::of(r, trust).ip;
+        let plain = request(&[]);
+        assert_eq!(peer(&plain, false).as_deref(), Some("127.0.0.1"));
+        assert_eq!(peer(&plain, true).as_deref(), Some("127.0.0.1"));
+        let forwarded = request(&["6.6.6.6", "203.0.113.9, 198.51.100.7:5678"]);
+        assert_eq!(peer(&forwarded, false).as_deref(), Some("127.0.0.1"));
+        assert_eq!(peer(&forwarded, true).as_deref(), Some("198.51.100.7"));
+        let v6 = request(&["[2001:db8::1]:443"]);
+        assert_eq!(peer(&v6, true).as_deref(), Some("2001:db8::1"));
+        let junk = request(&["unknown"]);
+        assert_eq!(peer(&junk, true).as_deref(), Some("127.0.0.1"));
+        assert_eq!(
+            ClientInfo::of(&plain, false).user_agent.as_deref(),
+            Some("ua")
+        );
     }
 }

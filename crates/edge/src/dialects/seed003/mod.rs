@@ -74,6 +74,10 @@ pub struct Settings {
     pub broadcast_room: String,
     /// Event types delivered to sockets, as Socket.IO events of the same name.
     pub events: Vec<String>,
+    /// Take the client's IP (presence `ip`) from the last `X-Forwarded-For`
+    /// entry, the one the proxy in front of the node added. Only behind a
+    /// load balancer that sets it: otherwise clients could claim any address.
+    pub trust_forwarded_for: bool,
 }
 
 impl Default for Settings {
@@ -101,6 +105,7 @@ impl Default for Settings {
             ]
             .map(String::from)
             .to_vec(),
+            trust_forwarded_for: false,
         }
     }
 }
@@ -204,6 +209,18 @@ impl Seed003 {
                 engines: Mutex::default(),
             }),
         })
+    }
+}
+
+/// Where the hub's presence sweep also announces a user whose last session
+/// lapsed (a crashed node's): `presence.left` of a `user:` room goes to the
+/// namespace-wide room too, and sockets there get the user's offline
+/// `presence:update`, as they do when a user disconnects.
+pub(crate) fn presence_left_rooms(config: &Config) -> Vec<(String, roomcast_protocol::RoomName)> {
+    let s = &config.dialects.seed003;
+    match s.broadcast_room.parse() {
+        Ok(room) if s.enabled => vec![("user".to_owned(), room)],
+        _ => Vec::new(),
     }
 }
 

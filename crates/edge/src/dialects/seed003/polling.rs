@@ -45,7 +45,7 @@ pub(super) async fn get(
                     "node is at its connection limit or draining; retry another node",
                 );
             };
-            let client = ClientInfo::from_headers(req.headers());
+            let client = ClientInfo::of(&req, shared.settings.trust_forwarded_for);
             Engine::create(shared, node, slot, false, client)
         }
         Some(sid) => match shared.engine(&sid) {

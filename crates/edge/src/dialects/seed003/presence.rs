@@ -3,7 +3,9 @@
 //! and on `presence:heartbeat`, lapsing after the TTL; on connect,
 //! heartbeat and disconnect the user's snapshot (every live socket of that
 //! user, across nodes) is published, ephemeral, to the namespace-wide room
-//! and to `user:<id>` (delivered once to a socket in both).
+//! and to `user:<id>` (delivered once to a socket in both). A user whose
+//! last socket lapsed (its node crashed) is announced by the presence sweep
+//! as `presence.left`, which the renderer turns into the offline snapshot.
 
 use std::sync::Arc;
 
@@ -33,6 +35,7 @@ pub(crate) async fn refresh(engine: &Engine, ctx: &SessionCtx, announce: bool) {
         connected_at: ctx.session.connected_at,
         last_seen: now,
         user_agent: ctx.session.user_agent().cloned(),
+        ip: ctx.session.ip().cloned(),
     };
     let ttl = engine.shared.settings.presence_ttl;
     if let Err(e) = store.upsert(&key, entry, ttl, now).await {
@@ -87,8 +90,8 @@ async fn broadcast(engine: &Engine, ctx: &SessionCtx, key: &RoomKey, now: u64) {
 }
 
 /// The seed's `PresenceSnapshot`. `lastSeen` is the newest heartbeat, or
-/// now when the last socket just left. `ip` is not kept in the cluster's
-/// presence store and is always `null`.
+/// now when the last socket just left. `ip` is the client's address as the
+/// node saw it (see `trust_forwarded_for`), `null` when unknown.
 pub(crate) fn snapshot(user: &str, entries: &[PresenceEntry], now: u64) -> Value {
     let sockets: Vec<Value> = entries
         .iter()
@@ -98,7 +101,7 @@ pub(crate) fn snapshot(user: &str, entries: &[PresenceEntry], now: u64) -> Value
                 "connectedAt": e.connected_at,
                 "lastSeen": e.last_seen,
                 "userAgent": e.user_agent.as_deref(),
-                "ip": Value::Null,
+                "ip": e.ip.as_deref(),
             })
         })
         .collect();
@@ -124,7 +127,14 @@ mod tests {
             connected_at: 10,
             last_seen: 20,
             user_agent: Some("ua".into()),
+            ip: None,
         };
+        let mut with_ip = e.clone();
+        with_ip.ip = Some("127.0.0.1".into());
+        assert_eq!(
+            snapshot("u1", &[with_ip], 30)["sockets"][0]["ip"],
+            "127.0.0.1"
+        );
         let s = snapshot("u1", &[e], 30);
         assert_eq!(s["isOnline"], true);
         assert_eq!(s["lastSeen"], 20);

@@ -10,6 +10,10 @@ use roomcast_protocol::{Event, RoomName};
 use super::packet;
 use crate::session::Renderer;
 
+/// The hub's announcement of a user whose last session in a room ended.
+const PRESENCE_LEFT: &str = "presence.left";
+const PRESENCE_UPDATE: &str = "presence:update";
+
 pub(crate) struct SocketIoRenderer {
     slot: usize,
     namespace: String,
@@ -28,6 +32,25 @@ impl SocketIoRenderer {
         }
     }
 
+    /// A user's last socket lapsed (its node crashed): the presence sweep
+    /// announces `presence.left` `{user}` in `user:<id>` (and the
+    /// namespace-wide room), rendered as the offline `presence:update`
+    /// snapshot, `lastSeen` the sweep's time. `presence.left` of other rooms
+    /// (a tracked `conversation:`) is not a user going offline.
+    fn offline(&self, event: &Event) -> Option<Bytes> {
+        if !self.events.contains(PRESENCE_UPDATE) {
+            return None;
+        }
+        let first = event.rooms.first()?;
+        let data: serde_json::Value = serde_json::from_str(event.body.json_text()?).ok()?;
+        let user = data.get("user")?.as_str()?;
+        if first.kind() != "user" || first.id() != user {
+            return None;
+        }
+        let snapshot = super::presence::snapshot(user, &[], event.ts);
+        Some(self.event_frame(PRESENCE_UPDATE, &snapshot.to_string()))
+    }
+
     /// The EVENT packet frame for `name` with raw JSON `data`.
     pub(crate) fn event_frame(&self, name: &str, data: &str) -> Bytes {
         packet::frame(&packet::event_text(&self.namespace, name, data))
@@ -40,6 +63,9 @@ impl Renderer for SocketIoRenderer {
     }
 
     fn render(&self, event: &Event, _room: &RoomName) -> Option<Bytes> {
+        if &*event.kind == PRESENCE_LEFT {
+            return self.offline(event);
+        }
         if !self.events.contains(&*event.kind) {
             return None;
         }
@@ -96,5 +122,34 @@ mod tests {
             value: Bytes::new(),
         };
         assert!(r.render(&event("messages:new", proto), &room).is_none());
+    }
+
+    #[test]
+    fn a_lapsed_user_renders_as_the_offline_snapshot() {
+        let r = SocketIoRenderer::new(0, "/ws/app", &["presence:update".to_owned()]);
+        let left = |room: &str, user: &str| {
+            let mut e = event(
+                "presence.left",
+                Body::from_value(&serde_json::json!({"user": user})),
+            );
+            e.rooms = vec![room.parse().unwrap(), "ns:app".parse().unwrap()];
+            e.ts = 1234;
+            e
+        };
+        let room = "ns:app".parse().unwrap();
+        let f = r.render(&left("user:u1", "u1"), &room).unwrap();
+        let payload = super::packet::frame_payload(&f);
+        let text = std::str::from_utf8(&payload).unwrap();
+        let args: serde_json::Value =
+            serde_json::from_str(text.strip_prefix("42/ws/app,").unwrap()).unwrap();
+        assert_eq!(
+            args,
+            serde_json::json!(["presence:update",
+                {"userId": "u1", "isOnline": false, "lastSeen": 1234, "sockets": []}])
+        );
+        assert!(r.render(&left("conversation:c1", "u1"), &room).is_none());
+        assert!(r.render(&left("user:u2", "u1"), &room).is_none());
+        let quiet = SocketIoRenderer::new(0, "/ws/app", &["messages:new".to_owned()]);
+        assert!(quiet.render(&left("user:u1", "u1"), &room).is_none());
     }
 }

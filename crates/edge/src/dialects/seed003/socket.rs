@@ -141,6 +141,9 @@ impl Socket {
         if let Some(ua) = &engine.client.user_agent {
             session.set_user_agent(ua);
         }
+        if let Some(ip) = &engine.client.ip {
+            session.set_ip(ip);
+        }
         node.register(&session);
         let expires = token_deadline(identity.expires_at + node.config().auth.leeway_secs);
         engine.set_hub(session.clone(), expires);

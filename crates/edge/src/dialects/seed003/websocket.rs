@@ -47,7 +47,7 @@ pub(super) async fn handle(
         },
         None => match node.try_reserve_connection() {
             Some(slot) => {
-                let client = ClientInfo::from_headers(req.headers());
+                let client = ClientInfo::of(&req, shared.settings.trust_forwarded_for);
                 Target::Fresh(Engine::create(shared, node, slot, true, client))
             }
             None => {

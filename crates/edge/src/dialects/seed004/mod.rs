@@ -14,10 +14,13 @@
 //! `pong_timeout`; VOTE_UPDATE coalesced per feature; FEATURE_CREATED and
 //! FEATURE_DELETED only to admins; 10 messages per 10 s (`ERROR
 //! RATE_LIMIT_EXCEEDED`, then 1008); at most `max_connections` sessions of
-//! this dialect per node (503 before the upgrade).
+//! this dialect per node (503 before the upgrade); past `batch_at_percent`
+//! of `broadcast_cap` broadcasts per second, VOTE_UPDATEs coalesce over
+//! `batch_window` instead (the `rate` module).
 
 mod check;
 mod connection;
+mod rate;
 mod render;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +40,7 @@ use crate::node::Node;
 use crate::session::Renderer;
 
 use check::{SessionCheck, Verdict};
+use rate::BroadcastRate;
 use render::RoadmapRenderer;
 
 /// How the session cookie is validated.
@@ -93,6 +97,15 @@ pub struct Settings {
     pub rate_strikes: u32,
     /// The role that receives FEATURE_CREATED and FEATURE_DELETED.
     pub admin_role: String,
+    /// The document's global cap: roadmap broadcasts per second (events
+    /// rendered by this node) handled without batching; 0 turns batching off.
+    pub broadcast_cap: u32,
+    /// Batching starts when the rate reaches this share of the cap (percent).
+    pub batch_at_percent: u8,
+    /// While batching, VOTE_UPDATEs of one feature within this window: only
+    /// the last is sent (instead of `vote_coalesce_window`).
+    #[serde(with = "duration")]
+    pub batch_window: Duration,
 }
 
 impl Default for Settings {
@@ -116,6 +129,9 @@ impl Default for Settings {
             rate_window: Duration::from_secs(10),
             rate_strikes: 3,
             admin_role: "admin".into(),
+            broadcast_cap: 100,
+            batch_at_percent: 80,
+            batch_window: Duration::from_secs(1),
         }
     }
 }
@@ -155,18 +171,25 @@ impl Seed004 {
         if s.max_connections == 0 || s.max_subscriptions == 0 {
             return err("max_connections and max_subscriptions must be at least 1");
         }
+        if s.broadcast_cap > 0
+            && (!(1..=100).contains(&s.batch_at_percent) || s.batch_window.is_zero())
+        {
+            return err("batch_at_percent must be 1-100 and batch_window positive");
+        }
         let check = SessionCheck::new(config, &s)?;
+        // One count per node, shared by both renderers.
+        let rate = (s.broadcast_cap > 0)
+            .then(|| Arc::new(BroadcastRate::new(s.broadcast_cap, s.batch_at_percent)));
+        let renderer = |admin: bool, slot: usize| RoadmapRenderer {
+            slot,
+            admin,
+            vote_window: s.vote_coalesce_window,
+            rate: rate.clone(),
+            batch_window: s.batch_window,
+        };
         Ok(Self {
-            admin: Arc::new(RoadmapRenderer {
-                slot: slots.allocate(),
-                admin: true,
-                vote_window: s.vote_coalesce_window,
-            }),
-            member: Arc::new(RoadmapRenderer {
-                slot: slots.allocate(),
-                admin: false,
-                vote_window: s.vote_coalesce_window,
-            }),
+            admin: Arc::new(renderer(true, slots.allocate())),
+            member: Arc::new(renderer(false, slots.allocate())),
             check: Arc::new(check),
             settings: Arc::new(s),
             connections: Arc::new(AtomicUsize::new(0)),

@@ -7,6 +7,7 @@
 //! ISO 8601. Admin-only messages are rendered only by the admin renderer, so
 //! they never reach other sessions even when a publisher forgets `audience`.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -14,6 +15,7 @@ use roomcast_protocol::{Event, RoomName};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use super::rate::BroadcastRate;
 use crate::frame::{ws_frame, OP_TEXT};
 use crate::session::Renderer;
 
@@ -38,6 +40,11 @@ pub(crate) struct RoadmapRenderer {
     pub(crate) admin: bool,
     /// VOTE_UPDATEs of one feature within this window collapse to the last.
     pub(crate) vote_window: Duration,
+    /// The node's broadcast rate, shared by the admin and member renderers;
+    /// `None` when batching is off (`broadcast_cap = 0`).
+    pub(crate) rate: Option<Arc<BroadcastRate>>,
+    /// The VOTE_UPDATE window while the rate is near the cap.
+    pub(crate) batch_window: Duration,
 }
 
 #[derive(Serialize)]
@@ -106,7 +113,12 @@ impl Renderer for RoadmapRenderer {
 
     fn render(&self, event: &Event, _room: &RoomName) -> Option<Bytes> {
         match self.message(event) {
-            Ok(text) => Some(ws_frame(OP_TEXT, &text)),
+            Ok(text) => {
+                if let Some(rate) = &self.rate {
+                    rate.record(event);
+                }
+                Some(ws_frame(OP_TEXT, &text))
+            }
             Err(why) => {
                 if event
                     .kind
@@ -120,12 +132,29 @@ impl Renderer for RoadmapRenderer {
         }
     }
 
+    /// VOTE_UPDATEs coalesce per feature over `vote_window`, or over
+    /// `batch_window` while the node's broadcast rate is near the cap. The
+    /// vote count is absolute, so the last one held is the truth.
+    ///
+    /// Other messages are never batched: a FEATURE_UPDATE carries only the
+    /// fields that changed, so keeping the last of several would lose the
+    /// others' fields, and merging them would need the same event's copies
+    /// on its several rooms told apart from later updates (they carry
+    /// different ids on Redis). Votes are the high-rate traffic anyway.
     fn coalesce(&self, event: &Event, _room: &RoomName) -> Option<(String, Duration)> {
-        if &*event.kind != VOTE_UPDATE || self.vote_window.is_zero() {
+        if &*event.kind != VOTE_UPDATE {
             return None;
         }
+        let window = match &self.rate {
+            Some(rate) if rate.batching() => self.batch_window.max(self.vote_window),
+            // With batching configured a zero window still goes through the
+            // key: a vote still held from a batch is replaced, not overtaken.
+            Some(_) => self.vote_window,
+            None if self.vote_window.is_zero() => return None,
+            None => self.vote_window,
+        };
         let f: FeatureOf = serde_json::from_str(event.body.json_text()?).ok()?;
-        Some((format!("vote:{}", f.feature_id), self.vote_window))
+        Some((format!("vote:{}", f.feature_id), window))
     }
 }
 
@@ -173,6 +202,8 @@ mod tests {
             slot: 0,
             admin,
             vote_window: Duration::from_millis(100),
+            rate: None,
+            batch_window: Duration::from_secs(1),
         }
     }
 
@@ -202,6 +233,43 @@ mod tests {
             serde_json::json!({"featureId":"f1","changes":{}}),
         );
         assert_eq!(renderer(false).coalesce(&u, &room), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn votes_batch_when_the_rate_nears_the_cap() {
+        let r = RoadmapRenderer {
+            rate: Some(Arc::new(BroadcastRate::new(5, 80))),
+            ..renderer(false)
+        };
+        let room = "roadmap:all".parse().unwrap();
+        let vote = |n: u64| {
+            event(
+                VOTE_UPDATE,
+                serde_json::json!({"featureId":"f1","voteCount":n,"action":"add"}),
+            )
+        };
+        let windows: Vec<Duration> = (0..6)
+            .map(|n| {
+                let e = vote(n);
+                // Each render of one event counts once (several rooms, renderers).
+                r.render(&e, &room).unwrap();
+                r.render(&e, &room).unwrap();
+                r.coalesce(&e, &room).unwrap().1
+            })
+            .collect();
+        let (normal, batch) = (Duration::from_millis(100), Duration::from_secs(1));
+        assert_eq!(windows, [normal, normal, normal, batch, batch, batch]);
+        let update = event(
+            FEATURE_UPDATE,
+            serde_json::json!({"featureId":"f1","changes":{"status":"PLANNED"}}),
+        );
+        assert_eq!(
+            r.coalesce(&update, &room),
+            None,
+            "FEATURE_UPDATE is not batched"
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(r.coalesce(&vote(9), &room).unwrap().1, normal);
     }
 
     #[test]
