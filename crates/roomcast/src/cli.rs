@@ -41,6 +41,10 @@ pub(crate) struct ServeArgs {
     /// Development mode: generated secret, printed token and examples.
     #[arg(long, env = "ROOMCAST_DEV")]
     pub(crate) dev: bool,
+    /// Runtime worker threads (default: one per CPU). Fewer than cores leaves
+    /// room for Redis or a second node on the same machine.
+    #[arg(long, env = "ROOMCAST_WORKER_THREADS")]
+    pub(crate) worker_threads: Option<usize>,
     /// Log format: text or json.
     #[arg(long, env = "ROOMCAST_LOG_FORMAT", default_value = "text")]
     pub(crate) log_format: String,

@@ -11,9 +11,14 @@ use clap::Parser as _;
 
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let cli::Command::Serve(args) = &cli.command {
+        if let Some(n) = args.worker_threads {
+            anyhow::ensure!(n > 0, "--worker-threads must be at least 1");
+            builder.worker_threads(n);
+        }
+    }
+    let runtime = builder.enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
             cli::Command::Serve(args) => serve::run(*args).await,
