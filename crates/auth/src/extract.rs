@@ -47,8 +47,9 @@ fn cookie(parts: &Parts, name: &str) -> Option<String> {
 }
 
 /// `application/x-www-form-urlencoded` decoding: `%XX` escapes and `+` as a
-/// space. `None` for a broken escape or bytes that are not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+/// space. `None` for a broken escape or bytes that are not UTF-8. Shared by
+/// every query the edge reads, so they all decode alike.
+pub fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -25,7 +25,7 @@ mod verifier;
 pub use authorizer::{Authorizer, AuthorizerConfig, Decision, DenyReason};
 pub use claims::ClaimNames;
 pub use error::AuthConfigError;
-pub use extract::token_from_request;
+pub use extract::{percent_decode, token_from_request};
 pub use failure::AuthFailure;
 pub use identity::Identity;
 pub use mint::{mint_hs256, mint_with_key, unix_now, Expiry, MintClaims};

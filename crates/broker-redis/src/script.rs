@@ -29,39 +29,7 @@ use crate::names::Names;
 /// The channel message is `<id>\n<envelope>`; the script returns the id.
 /// (Redis 7.0 does not advance a stream's `max-deleted-entry-id` when it
 /// trims, so the script keeps its own mark for `history_since`.)
-pub const PUBLISH_SCRIPT: &str = r#"local id = redis.call('XADD', KEYS[1], ARGV[1], 'e', ARGV[2])
-local function newer(a, b)
-  local ams, aseq = string.match(a, '(%d+)-(%d+)')
-  local bms, bseq = string.match(b, '(%d+)-(%d+)')
-  if #ams ~= #bms then return #ams > #bms end
-  if ams ~= bms then return ams > bms end
-  return tonumber(aseq) > tonumber(bseq)
-end
-local cut = nil
-local max_len = tonumber(ARGV[3])
-local len = redis.call('XLEN', KEYS[1])
-if len > max_len + tonumber(ARGV[4]) then
-  local gone = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', len - max_len)
-  cut = gone[#gone][1]
-  redis.call('XTRIM', KEYS[1], 'MAXLEN', '=', max_len)
-end
-local max_age = tonumber(ARGV[5])
-if max_age > 0 then
-  local t = redis.call('TIME')
-  local min_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - max_age
-  if min_ms > 0 then
-    local min_id = string.format('%.0f', min_ms)
-    local old = redis.call('XREVRANGE', KEYS[1], '(' .. min_id, '-', 'COUNT', 1)
-    if old[1] then
-      if cut == nil or newer(old[1][1], cut) then cut = old[1][1] end
-      redis.call('XTRIM', KEYS[1], 'MINID', '=', min_id)
-    end
-  end
-end
-if cut then redis.call('SET', KEYS[3], cut) end
-redis.call(ARGV[6], KEYS[2], id .. '\n' .. ARGV[2])
-return id
-"#;
+pub const PUBLISH_SCRIPT: &str = include_str!("publish.lua");
 
 /// The script's SHA1, for EVALSHA.
 pub fn publish_script_sha() -> &'static str {

@@ -29,7 +29,7 @@ use crate::config::Limits;
 use crate::dialect::Refusal;
 use crate::http::{json_error, Body};
 use crate::node::{ConnectionSlot, Node};
-use crate::outbox::{Next, Outbox};
+use crate::outbox::Next;
 use crate::session::{Renderer, Session};
 
 /// Most events one poll answers per room from history; the client polls
@@ -208,16 +208,7 @@ async fn wait_live(
         wait,
         limits,
     } = accepted;
-    let session = Arc::new(Session::new(
-        crate::ids::random_id("p")
-            .parse()
-            .expect("generated ids are valid"),
-        identity.user.clone(),
-        identity.tenant.clone(),
-        identity.roles.clone().into_boxed_slice(),
-        renderer,
-        Outbox::new(limits.outbound_queue_frames, limits.outbound_queue_bytes),
-    ));
+    let session = Session::for_identity("p", &identity, renderer, &limits);
     node.register(&session);
     let mut result = Ok(());
     let mut resumes = Vec::new();

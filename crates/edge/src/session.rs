@@ -86,6 +86,26 @@ impl Session {
         }
     }
 
+    /// A session for an authenticated identity, with a fresh random id
+    /// (`<prefix>_…`) and an outbox bounded by `limits`.
+    pub(crate) fn for_identity(
+        prefix: &str,
+        identity: &roomcast_auth::Identity,
+        renderer: Arc<dyn Renderer>,
+        limits: &crate::config::Limits,
+    ) -> Arc<Session> {
+        Arc::new(Session::new(
+            crate::ids::random_id(prefix)
+                .parse()
+                .expect("generated ids are valid"),
+            identity.user.clone(),
+            identity.tenant.clone(),
+            identity.roles.clone().into_boxed_slice(),
+            renderer,
+            Outbox::new(limits.outbound_queue_frames, limits.outbound_queue_bytes),
+        ))
+    }
+
     /// Records the client's User-Agent (first call wins).
     pub(crate) fn set_user_agent(&self, user_agent: &str) {
         let cut: String = user_agent.chars().take(256).collect();

@@ -28,7 +28,7 @@ use crate::dialect::Refusal;
 use crate::disconnect::Disconnect;
 use crate::http::{json_error, Body};
 use crate::node::{ConnectionSlot, Node};
-use crate::outbox::{Next, Outbox};
+use crate::outbox::Next;
 use crate::session::{Renderer, Session};
 
 /// Renders an event's SSE `data:` payload (one JSON document, usually).
@@ -195,16 +195,7 @@ async fn open(node: Arc<Node>, slot: ConnectionSlot, accepted: SseAccepted) -> R
         transport,
         opening,
     } = accepted;
-    let session = Arc::new(Session::new(
-        crate::ids::random_id("s")
-            .parse()
-            .expect("generated ids are valid"),
-        identity.user.clone(),
-        identity.tenant.clone(),
-        identity.roles.clone().into_boxed_slice(),
-        renderer,
-        Outbox::new(limits.outbound_queue_frames, limits.outbound_queue_bytes),
-    ));
+    let session = Session::for_identity("s", &identity, renderer, &limits);
     node.register(&session);
     // An early comment, so the head and a first chunk go out at once.
     let _ = session.outbox.push(Bytes::from_static(b": open\n\n"));

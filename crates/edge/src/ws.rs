@@ -25,7 +25,7 @@ use crate::disconnect::Disconnect;
 use crate::frame::{close_frame, ws_frame, OP_PING, OP_PONG};
 use crate::http::{json_error, Body};
 use crate::node::{ConnectionSlot, Node};
-use crate::outbox::{Next, Outbox};
+use crate::outbox::Next;
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::session::Session;
 use crate::wsread::{FrameReader, Inbound, ReadError};
@@ -127,16 +127,7 @@ async fn run_session(
         guard,
         transport,
     } = accepted;
-    let session = Arc::new(Session::new(
-        crate::ids::random_id("s")
-            .parse()
-            .expect("generated ids are valid"),
-        identity.user.clone(),
-        identity.tenant.clone(),
-        identity.roles.clone().into_boxed_slice(),
-        renderer,
-        Outbox::new(limits.outbound_queue_frames, limits.outbound_queue_bytes),
-    ));
+    let session = Session::for_identity("s", &identity, renderer, &limits);
     if let Some(ua) = &user_agent {
         session.set_user_agent(ua);
     }

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -24,39 +23,6 @@ fn seed_token(user: &str, roles: &[&str]) -> String {
     c.tenant = None;
     c.roles = roles.iter().map(|r| r.to_string()).collect();
     mint_hs256(SECRET.as_bytes(), &c)
-}
-
-fn repo_root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-async fn run_node_script(script: &str, env: &[(&str, String)], within: Duration) {
-    let mut cmd = tokio::process::Command::new("node");
-    cmd.arg(format!("e2e/{script}"))
-        .current_dir(repo_root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().expect("node is installed");
-    let out = tokio::time::timeout(within, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("{script} did not finish within {within:?}"))
-        .unwrap();
-    let text = format!(
-        "--- stdout\n{}\n--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{script} failed: {}\n{text}",
-        out.status
-    );
-    println!("{text}");
 }
 
 type Ws =
@@ -109,7 +75,7 @@ async fn browser_websocket_eventsource_and_polling_get_exactly_the_published_env
         ("TENANT", SEED_TENANT.to_owned()),
         ("TOKEN_W123", seed_token("w123", &[])),
     ];
-    run_node_script("seed000.mjs", &env, Duration::from_secs(60)).await;
+    run_e2e("node", "seed000.mjs", &env, Duration::from_secs(60)).await;
     a.stop().await;
     b.stop().await;
 }

@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -26,10 +25,6 @@ use pb::web_socket_message::Payload;
 
 const USER_LIMIT: u64 = 20;
 const TENANT_LIMIT: u64 = 30;
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 /// A token with the product's claims: `user_id` and `tenant_id`.
 fn seed_token(user: &str, tenant: &str, secret: &str) -> String {

@@ -4,7 +4,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -77,49 +76,6 @@ async fn read_request(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
     }
 }
 
-fn repo_root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Runs `node e2e/<script>` with `env`, failing the test (with its output)
-/// unless it exits 0 within `within`.
-pub async fn run_node_script(script: &str, env: &[(&str, String)], within: Duration) {
-    let mut cmd = tokio::process::Command::new("node");
-    cmd.arg(format!("e2e/{script}"))
-        .current_dir(repo_root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("node is installed");
-    let collect = |mut r: Box<dyn tokio::io::AsyncRead + Unpin + Send>| {
-        tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let _ = r.read_to_end(&mut buf).await;
-            String::from_utf8_lossy(&buf).into_owned()
-        })
-    };
-    let stdout = collect(Box::new(child.stdout.take().unwrap()));
-    let stderr = collect(Box::new(child.stderr.take().unwrap()));
-    let status = tokio::time::timeout(within, child.wait()).await;
-    if status.is_err() {
-        let _ = child.kill().await;
-    }
-    let text = format!(
-        "--- stdout\n{}\n--- stderr\n{}",
-        stdout.await.unwrap(),
-        stderr.await.unwrap()
-    );
-    match status {
-        Ok(status) => assert!(status.unwrap().success(), "{script} failed\n{text}"),
-        Err(_) => panic!("{script} did not finish within {within:?}\n{text}"),
-    }
-    println!("{text}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ws_client_subscribes_to_teams_and_tasks_through_the_callback() {
     let redis = RedisServer::start().await;
@@ -139,7 +95,7 @@ async fn ws_client_subscribes_to_teams_and_tasks_through_the_callback() {
         ("API_KEY", API_KEY.to_owned()),
         ("TENANT", TENANT.to_owned()),
     ];
-    run_node_script("seed002.mjs", &env, Duration::from_secs(30)).await;
+    run_e2e("node", "seed002.mjs", &env, Duration::from_secs(30)).await;
     let mut asked = callback.asked.lock().unwrap().clone();
     asked.sort();
     assert_eq!(

@@ -6,7 +6,6 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -79,41 +78,6 @@ fn token(user: &str, expiry: Expiry) -> String {
     mint_hs256(SECRET.as_bytes(), &c)
 }
 
-fn repo_root() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Runs `node e2e/<script>` with `env`, failing the test (with its output)
-/// unless it exits 0 within `within`.
-async fn run_node_script(script: &str, env: &[(&str, String)], within: Duration) {
-    let mut cmd = tokio::process::Command::new("node");
-    cmd.arg(format!("e2e/{script}"))
-        .current_dir(repo_root())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().expect("node is installed");
-    let out = tokio::time::timeout(within, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("{script} did not finish within {within:?}"))
-        .unwrap();
-    let text = format!(
-        "--- stdout\n{}\n--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "{script} failed: {}\n{text}",
-        out.status
-    );
-    println!("{text}");
-}
-
 async fn two_nodes(redis: &RedisServer) -> (TestNode, TestNode) {
     let cb = callback().await;
     let prefix = unique_prefix();
@@ -150,7 +114,7 @@ async fn socket_io_client_over_polling_upgrade_and_websocket_on_two_nodes() {
         ("API_KEY", API_KEY.to_owned()),
         ("TENANT", TENANT.to_owned()),
     ];
-    run_node_script("seed003.mjs", &env, Duration::from_secs(60)).await;
+    run_e2e("node", "seed003.mjs", &env, Duration::from_secs(60)).await;
     a.stop().await;
     b.stop().await;
 }

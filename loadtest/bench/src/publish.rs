@@ -12,7 +12,8 @@ use tokio::net::TcpStream;
 
 use crate::common::{now_ns, room_name, Rng, PREFIX, TENANT};
 
-pub const SCRIPT: &str = include_str!("publish.lua");
+/// The contract's publish script, from the one copy the server ships.
+pub const SCRIPT: &str = include_str!("../../../crates/broker-redis/src/publish.lua");
 
 fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
     out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());

@@ -420,3 +420,41 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The repository root (where `e2e/` lives).
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Runs `program e2e/<script>` from the repository root with `env`, and fails
+/// the test, showing the script's output, unless it exits 0 within `within`.
+pub async fn run_e2e(program: &str, script: &str, env: &[(&str, String)], within: Duration) {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.arg(format!("e2e/{script}"))
+        .current_dir(repo_root())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} runs (make test-deps installs it): {e}"));
+    let out = tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} did not finish within {within:?}"))
+        .unwrap();
+    let text = format!(
+        "--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{script} failed: {}\n{text}",
+        out.status
+    );
+    println!("{text}");
+}

@@ -111,7 +111,8 @@ fn parse_query(
     let mut rooms: Vec<RoomName> = Vec::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let v = percent_decode(v).ok_or(("not valid percent-encoding".to_owned(), "query"))?;
+        let v = roomcast_auth::percent_decode(v)
+            .ok_or(("not valid percent-encoding".to_owned(), "query"))?;
         if k == "since" {
             since = Some(Since::parse(&v).ok_or((
                 "`since` is a ms timestamp or a message_id (<ms>-<seq>)".to_owned(),
@@ -148,30 +149,6 @@ fn parse_query(
         return Err((format!("at most {max_rooms} ids"), "project_ids"));
     }
     Ok((since, rooms))
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// One event as published, whichever room's copy: its copies share the

@@ -13,7 +13,7 @@ use super::packet::{self, Kind, SocketPacket};
 use super::presence;
 use crate::dialect::{JoinError, SessionCtx};
 use crate::disconnect::Disconnect;
-use crate::outbox::Outbox;
+
 use crate::session::Session;
 
 /// Error codes of the seed document, and ours for bad input.
@@ -128,16 +128,7 @@ impl Socket {
         }
         let node = &engine.node;
         let limits = &node.config().limits;
-        let session = Arc::new(Session::new(
-            crate::ids::random_id("s")
-                .parse()
-                .expect("generated ids are valid"),
-            identity.user.clone(),
-            identity.tenant.clone(),
-            identity.roles.clone().into_boxed_slice(),
-            engine.shared.renderer.clone(),
-            Outbox::new(limits.outbound_queue_frames, limits.outbound_queue_bytes),
-        ));
+        let session = Session::for_identity("s", &identity, engine.shared.renderer.clone(), limits);
         if let Some(ua) = &engine.client.user_agent {
             session.set_user_agent(ua);
         }
