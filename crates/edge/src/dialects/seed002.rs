@@ -24,7 +24,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use roomcast_auth::{Decision, DenyReason, Identity, Verifier};
 use roomcast_protocol::native::ErrorCode;
-use roomcast_protocol::{Event, RoomName, TenantId};
+use roomcast_protocol::{Event, RoomName};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -80,47 +80,6 @@ impl Default for Settings {
             .collect(),
         }
     }
-}
-
-/// A verifier like the node's, but with `tenant` as the default tenant:
-/// seed products issue tokens without a tenant claim.
-pub(crate) fn verifier_with_default_tenant(
-    config: &Config,
-    tenant: &str,
-    what: &str,
-) -> Result<Verifier, ConfigError> {
-    let a = &config.auth;
-    let tenant: TenantId = tenant
-        .parse()
-        .map_err(|e| ConfigError(format!("{what}.tenant: {e}")))?;
-    let public_key_pem = match &a.jwt_public_key_file {
-        Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
-            ConfigError(format!(
-                "reading auth.jwt_public_key_file {}: {e}",
-                path.display()
-            ))
-        })?),
-        None => None,
-    };
-    let algorithm = a
-        .algorithm
-        .parse()
-        .map_err(|e| ConfigError(format!("auth.algorithm: {e}")))?;
-    Verifier::new(roomcast_auth::VerifierConfig {
-        algorithm,
-        hs_secret: a.jwt_secret.clone(),
-        public_key_pem,
-        claims: roomcast_auth::ClaimNames {
-            user: a.claim_user.clone(),
-            tenant: a.claim_tenant.clone(),
-            teams: a.claim_teams.clone(),
-            roles: a.claim_roles.clone(),
-            rooms: a.claim_rooms.clone(),
-        },
-        leeway_secs: a.leeway_secs,
-        default_tenant: Some(tenant),
-    })
-    .map_err(|e| ConfigError(format!("{what}: {e}")))
 }
 
 /// Renders events as `activity` frames.
@@ -210,7 +169,11 @@ impl Seed002 {
                 "dialects.seed002.task_authz_room must contain {taskId}".into(),
             ));
         }
-        let verifier = verifier_with_default_tenant(config, &settings.tenant, "dialects.seed002")?;
+        let verifier = crate::auth::verifier_with_default_tenant(
+            config,
+            &settings.tenant,
+            "dialects.seed002",
+        )?;
         Ok(Self {
             renderer: Arc::new(ActivityRenderer {
                 slot: slots.allocate(),

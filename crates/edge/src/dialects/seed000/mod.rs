@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::{header, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use roomcast_auth::{ClaimNames, Identity, JwtAlgorithm, Verifier, VerifierConfig};
+use roomcast_auth::{Identity, Verifier};
 use roomcast_protocol::{EventId, RoomName};
 use serde::{Deserialize, Serialize};
 
@@ -93,8 +93,11 @@ pub(crate) struct Seed000 {
 impl Seed000 {
     pub(crate) fn new(config: &Config, slots: &mut Slots) -> Result<Self, ConfigError> {
         let settings = config.dialects.seed000.clone();
-        let verifier = verifier(config, &settings.default_tenant)
-            .map_err(|e| ConfigError(format!("dialects.seed000: {e}")))?;
+        let verifier = crate::auth::verifier_with_default_tenant(
+            config,
+            &settings.default_tenant,
+            "dialects.seed000",
+        )?;
         Ok(Self {
             settings: Arc::new(settings),
             verifier,
@@ -335,38 +338,6 @@ fn error_response(
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(envelope::error(code, message, channel)))
         .expect("static response parts are valid")
-}
-
-/// The node's token verifier (algorithm, key, claim names), with the
-/// seed's default tenant for tokens without one.
-fn verifier(
-    config: &Config,
-    default_tenant: &str,
-) -> Result<Verifier, Box<dyn std::error::Error + Send + Sync>> {
-    let a = &config.auth;
-    let public_key_pem = match &a.jwt_public_key_file {
-        Some(path) => Some(std::fs::read_to_string(path)?),
-        None => None,
-    };
-    let algorithm: JwtAlgorithm = a.algorithm.parse()?;
-    Ok(Verifier::new(VerifierConfig {
-        algorithm,
-        hs_secret: a.jwt_secret.clone(),
-        public_key_pem,
-        claims: ClaimNames {
-            user: a.claim_user.clone(),
-            tenant: a.claim_tenant.clone(),
-            teams: a.claim_teams.clone(),
-            roles: a.claim_roles.clone(),
-            rooms: a.claim_rooms.clone(),
-        },
-        leeway_secs: a.leeway_secs,
-        default_tenant: Some(
-            default_tenant
-                .parse()
-                .map_err(|e| format!("default_tenant: {e}"))?,
-        ),
-    })?)
 }
 
 /// [`error_response`], boxed for `Err` variants.

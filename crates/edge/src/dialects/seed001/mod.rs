@@ -145,10 +145,10 @@ impl Seed001 {
         let settings = config.dialects.seed001.clone();
         settings.validate()?;
         // The node's key and algorithm, with this product's claim names.
-        let mut own = config.clone();
-        own.auth.claim_user = settings.claim_user.clone();
-        own.auth.claim_tenant = settings.claim_tenant.clone();
-        let verifier = crate::auth::verifier(&own)
+        let mut own = crate::auth::verifier_config(config)?;
+        own.claims.user = settings.claim_user.clone();
+        own.claims.tenant = settings.claim_tenant.clone();
+        let verifier = roomcast_auth::Verifier::new(own)
             .map_err(|e| ConfigError(format!("dialects.seed001: {e}")))?;
         Ok(Self {
             settings: Arc::new(settings),

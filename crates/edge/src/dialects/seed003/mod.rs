@@ -31,7 +31,7 @@ use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use roomcast_auth::{ClaimNames, JwtAlgorithm, Verifier, VerifierConfig};
+use roomcast_auth::Verifier;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{duration, Config, ConfigError};
@@ -204,7 +204,11 @@ impl Seed003 {
                     &settings.namespace,
                     &settings.events,
                 )),
-                verifier: verifier(settings, config)?,
+                verifier: crate::auth::verifier_with_default_tenant(
+                    config,
+                    &settings.tenant,
+                    "dialects.seed003",
+                )?,
                 settings: settings.clone(),
                 engines: Mutex::default(),
             }),
@@ -222,34 +226,6 @@ pub(crate) fn presence_left_rooms(config: &Config) -> Vec<(String, roomcast_prot
         Ok(room) if s.enabled => vec![("user".to_owned(), room)],
         _ => Vec::new(),
     }
-}
-
-/// The node's token checks, with the dialect's default tenant.
-fn verifier(settings: &Settings, config: &Config) -> Result<Verifier, ConfigError> {
-    let a = &config.auth;
-    let fail = |e: &dyn std::fmt::Display| ConfigError(format!("dialects.seed003 verifier: {e}"));
-    let public_key_pem = a
-        .jwt_public_key_file
-        .as_ref()
-        .map(std::fs::read_to_string)
-        .transpose()
-        .map_err(|e| fail(&e))?;
-    let algorithm: JwtAlgorithm = a.algorithm.parse().map_err(|e| fail(&e))?;
-    Verifier::new(VerifierConfig {
-        algorithm,
-        hs_secret: a.jwt_secret.clone(),
-        public_key_pem,
-        claims: ClaimNames {
-            user: a.claim_user.clone(),
-            tenant: a.claim_tenant.clone(),
-            teams: a.claim_teams.clone(),
-            roles: a.claim_roles.clone(),
-            rooms: a.claim_rooms.clone(),
-        },
-        leeway_secs: a.leeway_secs,
-        default_tenant: Some(settings.tenant.parse().map_err(|e| fail(&e))?),
-    })
-    .map_err(|e| fail(&e))
 }
 
 /// The query parameters Engine.IO reads.

@@ -60,11 +60,7 @@ impl SessionCheck {
     pub(crate) fn new(config: &Config, s: &Settings) -> Result<Self, ConfigError> {
         match s.session_check {
             SessionCheckKind::Jwt => Ok(SessionCheck::Jwt(
-                super::super::seed002::verifier_with_default_tenant(
-                    config,
-                    &s.tenant,
-                    "dialects.seed004",
-                )?,
+                crate::auth::verifier_with_default_tenant(config, &s.tenant, "dialects.seed004")?,
             )),
             SessionCheckKind::Introspect => {
                 let err = |m: &str| ConfigError(format!("dialects.seed004.introspection_url: {m}"));
