@@ -1,10 +1,12 @@
 //! The WebSocket transport, shared by every WebSocket dialect: checks before
-//! the upgrade (connection cap, then the dialect's `accept`), then one reader
-//! loop and one writer task per session. The writer drains the session's
-//! outbox in vectored writes and sends pings; the reader parses frames,
-//! enforces size and rate limits, the idle timeout, token expiry and the
-//! dialect's timers, and hands complete messages to the dialect's
-//! [`crate::dialect::Connection`].
+//! the upgrade (connection cap, then the dialect's `accept`), then one task
+//! per session. The task waits on one readiness future for both directions:
+//! it parses inbound frames (`wsread`), enforces size and rate limits, the
+//! idle timeout, token expiry and the dialect's timers, hands complete
+//! messages to the dialect's [`crate::dialect::Connection`], and writes what
+//! the outbox holds in vectored writes (pings included). fastwebsockets only
+//! performs the upgrade handshake; most deliveries are written by the hub
+//! itself through the outbox's direct path (see `outbox`).
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
