@@ -5,13 +5,11 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use roomcast_testkit::{unique_prefix, RedisServer};
 use serde_json::{json, Value};
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// A token granting explicit rooms.
 fn token_with_rooms(user: &str, rooms: &[&str]) -> String {
@@ -205,60 +203,22 @@ fn now_ms() -> u64 {
 }
 
 /// A node process with short presence timings.
-struct PresenceNode {
-    child: tokio::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-impl PresenceNode {
-    async fn start(redis_url: &str, prefix: &str) -> PresenceNode {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_roomcast"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-                "--jwt-secret",
-                SECRET,
-                "--api-key",
-                API_KEY,
-                "--redis",
-                redis_url,
-                "--redis-prefix",
-                prefix,
-                "--presence-ttl",
-                "2s",
-                "--presence-heartbeat-interval",
-                "500ms",
-                "--presence-sweep-interval",
-                "200ms",
-                "--unsubscribe-delay",
-                "0s",
-            ])
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = tokio::time::timeout(PATIENCE, async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                    continue;
-                };
-                if v["fields"]["message"] == "roomcast node listening" {
-                    return v["fields"]["addr"].as_str().unwrap().parse().unwrap();
-                }
-            }
-            panic!("node exited before listening");
-        })
-        .await
-        .expect("node starts");
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        PresenceNode { child, addr }
-    }
+async fn presence_node(redis_url: &str, prefix: &str) -> NodeProcess {
+    NodeProcess::spawn(&[
+        "--redis",
+        redis_url,
+        "--redis-prefix",
+        prefix,
+        "--presence-ttl",
+        "2s",
+        "--presence-heartbeat-interval",
+        "500ms",
+        "--presence-sweep-interval",
+        "200ms",
+        "--unsubscribe-delay",
+        "0s",
+    ])
+    .await
 }
 
 async fn next_of_type(client: &mut Client, kind: &str) -> Value {
@@ -274,8 +234,8 @@ async fn next_of_type(client: &mut Client, kind: &str) -> Value {
 async fn presence_spans_nodes_and_a_killed_node_leaves_no_ghost() {
     let redis = RedisServer::start().await;
     let prefix = unique_prefix();
-    let mut a = PresenceNode::start(redis.url(), &prefix).await;
-    let b = PresenceNode::start(redis.url(), &prefix).await;
+    let mut a = presence_node(redis.url(), &prefix).await;
+    let b = presence_node(redis.url(), &prefix).await;
     let t1 = token_with_rooms("u1", &["task:t1"]);
     let t2 = token_with_rooms("u2", &["task:t1"]);
 
@@ -313,8 +273,7 @@ async fn presence_spans_nodes_and_a_killed_node_leaves_no_ghost() {
     assert!(bob_sessions[0]["connected_at"].as_u64().unwrap() > 0);
 
     // Bob's node dies without a goodbye: within the TTL, alice sees him leave.
-    a.child.start_kill().unwrap();
-    a.child.wait().await.unwrap();
+    a.sigkill().await;
     let left = tokio::time::timeout(
         Duration::from_secs(6),
         next_of_type(&mut alice, "presence.left"),

@@ -10,7 +10,7 @@ use std::time::Duration;
 use roomcast_testkit::{unique_prefix, RedisServer};
 use serde_json::Value;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 /// An HTTP authorization callback: allows the rooms in `allow`, denies the
@@ -48,31 +48,6 @@ impl Callback {
             }
         });
         Callback { addr, asked }
-    }
-}
-
-/// Reads one HTTP/1.1 request and returns its body.
-async fn read_request(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = s.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        if buf.len() >= end + 4 + len {
-            return Some(buf[end + 4..end + 4 + len].to_vec());
-        }
     }
 }
 

@@ -141,14 +141,20 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// Runs `roomcast serve` on 127.0.0.1:0 and waits for its
+    /// Runs `roomcast serve` on 127.0.0.1:0 on a Redis and waits for its
     /// "roomcast node listening" log line, which names the bound address.
     pub async fn start(redis_url: &str, prefix: &str) -> NodeProcess {
+        Self::spawn(&["--redis", redis_url, "--redis-prefix", prefix]).await
+    }
+
+    /// Runs `roomcast serve` on 127.0.0.1:0 with the test secret and API key
+    /// plus `args`, and waits until it reports its address.
+    pub async fn spawn(args: &[&str]) -> NodeProcess {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_roomcast"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--redis", redis_url])
-            .args(["--redis-prefix", prefix])
+            .args(["serve", "--listen", "127.0.0.1:0"])
             .args(["--jwt-secret", SECRET, "--api-key", API_KEY])
             .args(["--log-format", "json"])
+            .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -186,6 +192,16 @@ impl NodeProcess {
             other => panic!("roomcast did not report its address: {other:?}"),
         };
         NodeProcess { addr, child }
+    }
+
+    /// The process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the node runs")
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().await.expect("reap the node")
     }
 
     /// SIGKILL (no drain, no goodbye) and reap.
@@ -457,4 +473,31 @@ pub async fn run_e2e(program: &str, script: &str, env: &[(&str, String)], within
         out.status
     );
     println!("{text}");
+}
+
+/// Reads one HTTP/1.1 request from `s` and returns its body (for the small
+/// product backends the tests stand up: authorization callbacks, introspection).
+pub async fn read_request(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if buf.len() >= end + 4 + len {
+            return Some(buf[end + 4..end + 4 + len].to_vec());
+        }
+    }
 }
