@@ -157,6 +157,18 @@ pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Bo
         .expect("static response parts are valid")
 }
 
+/// 405 unless the request is a GET: every WebSocket upgrade, SSE stream
+/// and poll is one.
+pub(crate) fn only_get<B>(req: &Request<B>) -> Option<Response<Body>> {
+    (req.method() != Method::GET).then(|| {
+        json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::InvalidMessage,
+            "method not allowed",
+        )
+    })
+}
+
 /// `{"code": ..., "message": ...}` with the status.
 pub(crate) fn json_error(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
     json(

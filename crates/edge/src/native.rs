@@ -18,7 +18,7 @@ use roomcast_protocol::{Event, EventId, RoomKey, RoomName};
 use crate::dialect::{Accepted, Connection, Dialect, Inbound, Refusal, SessionCtx};
 use crate::disconnect::Disconnect;
 use crate::frame::{ws_frame, OP_BINARY, OP_TEXT};
-use crate::http::{json_error, Body};
+use crate::http::Body;
 use crate::node::Node;
 use crate::session::Renderer;
 
@@ -314,12 +314,8 @@ impl Dialect for NativeDialect {
     }
 
     async fn handle(&self, node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
-        if req.method() != http::Method::GET {
-            return json_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::InvalidMessage,
-                "method not allowed",
-            );
+        if let Some(refusal) = crate::http::only_get(&req) {
+            return refusal;
         }
         let n = node.clone();
         let path = req.uri().path();

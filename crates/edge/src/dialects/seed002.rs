@@ -32,7 +32,7 @@ use crate::config::{Config, ConfigError};
 use crate::dialect::{Accepted, Connection, Dialect, Inbound, JoinError, Refusal, SessionCtx};
 use crate::disconnect::Disconnect;
 use crate::frame::{ws_frame, OP_TEXT};
-use crate::http::{json_error, Body};
+use crate::http::Body;
 use crate::node::Node;
 use crate::session::Renderer;
 
@@ -225,12 +225,8 @@ impl Dialect for Seed002 {
     }
 
     async fn handle(&self, node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
-        if req.method() != http::Method::GET {
-            return json_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::InvalidMessage,
-                "method not allowed",
-            );
+        if let Some(refusal) = crate::http::only_get(&req) {
+            return refusal;
         }
         let n = node.clone();
         crate::ws::upgrade(

@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigError};
 use crate::dialect::{Accepted, Dialect, Refusal};
-use crate::http::{json_error, Body};
+use crate::http::Body;
 use crate::node::Node;
 use crate::session::Renderer;
 
@@ -213,12 +213,8 @@ impl Dialect for Seed001 {
     }
 
     async fn handle(&self, node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
-        if req.method() != http::Method::GET {
-            return json_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::InvalidMessage,
-                "method not allowed",
-            );
+        if let Some(refusal) = crate::http::only_get(&req) {
+            return refusal;
         }
         if req.uri().path() == self.settings.activity_path {
             let (parts, _) = req.into_parts();

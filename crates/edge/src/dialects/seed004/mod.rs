@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{duration, Config, ConfigError};
 use crate::dialect::{Accepted, Dialect, Refusal};
-use crate::http::{json_error, Body};
+use crate::http::Body;
 use crate::node::Node;
 use crate::session::Renderer;
 
@@ -289,12 +289,8 @@ impl Dialect for Seed004 {
     }
 
     async fn handle(&self, node: &Arc<Node>, req: Request<Incoming>) -> Response<Body> {
-        if req.method() != http::Method::GET {
-            return json_error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                ErrorCode::InvalidMessage,
-                "method not allowed",
-            );
+        if let Some(refusal) = crate::http::only_get(&req) {
+            return refusal;
         }
         let n = node.clone();
         crate::ws::upgrade(node.clone(), req, |parts| async move {
