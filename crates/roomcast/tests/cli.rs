@@ -7,12 +7,14 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-const SECRET: &str = "cli-test-secret-0123456789";
-const API_KEY: &str = "cli-test-api-key-0123456789";
+mod support;
+
+use support::{NodeProcess, API_KEY, SECRET};
+
 const PATIENCE: Duration = Duration::from_secs(10);
 
 fn roomcast() -> Command {
@@ -21,42 +23,11 @@ fn roomcast() -> Command {
     c
 }
 
-/// Starts `roomcast serve` on an ephemeral port and returns it with its address.
-async fn serve(extra: &[&str]) -> (Child, String) {
-    let mut child = roomcast()
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--jwt-secret",
-            SECRET,
-            "--api-key",
-            API_KEY,
-        ])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                continue;
-            };
-            if v["fields"]["message"] == "roomcast node listening" {
-                return v["fields"]["addr"].as_str().unwrap().to_owned();
-            }
-        }
-        panic!("server exited before listening");
-    })
-    .await
-    .expect("node starts");
-    // Keep draining stderr so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
+/// Starts `roomcast serve` (memory broker) on an ephemeral port.
+async fn serve(extra: &[&str]) -> (NodeProcess, String) {
+    let node = NodeProcess::spawn(extra).await;
+    let addr = node.addr.to_string();
+    (node, addr)
 }
 
 async fn run(args: &[&str]) -> (bool, String) {
@@ -198,7 +169,7 @@ async fn sigterm_drains_with_1001_and_exits_zero() {
     let mut b = connect(&addr, &token).await;
     next_json(&mut a).await;
     next_json(&mut b).await;
-    let pid = node.id().unwrap().to_string();
+    let pid = node.pid().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -209,8 +180,7 @@ async fn sigterm_drains_with_1001_and_exits_zero() {
     assert_eq!(close_code(&mut b).await, 1001);
     let status = tokio::time::timeout(PATIENCE, node.wait())
         .await
-        .expect("exits")
-        .unwrap();
+        .expect("exits");
     assert_eq!(status.code(), Some(0));
 }
 
@@ -255,4 +225,37 @@ async fn a_config_without_a_secret_is_refused_at_start() {
         String::from_utf8_lossy(&out.stderr).contains("jwt_secret"),
         "says what is missing"
     );
+}
+
+#[tokio::test]
+async fn worker_threads_must_be_positive_and_are_honoured() {
+    let out = roomcast()
+        .args([
+            "serve",
+            "--worker-threads",
+            "0",
+            "--listen",
+            "127.0.0.1:0",
+            "--jwt-secret",
+            SECRET,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--worker-threads"));
+    // One worker thread still serves sessions (the run-6 benchmark setting).
+    let (_node, addr) = serve(&["--worker-threads", "1"]).await;
+    let (_, token) = run(&[
+        "token",
+        "--sub",
+        "u1",
+        "--tenant",
+        "acme",
+        "--jwt-secret",
+        SECRET,
+    ])
+    .await;
+    let mut ws = connect(&addr, &token).await;
+    assert_eq!(next_json(&mut ws).await["op"], "welcome");
 }
