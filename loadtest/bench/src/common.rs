@@ -93,7 +93,10 @@ pub fn raise_nofile() {
     #[allow(unsafe_code)]
     // SAFETY: plain getrlimit/setrlimit on a local struct.
     unsafe {
-        let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
             r.rlim_cur = r.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &r);
@@ -176,6 +179,9 @@ pub struct WorkerSpec {
     pub secret: String,
     /// Connections being established at once by this worker.
     pub concurrency: usize,
+    /// Read connections from one thread polling every this many µs
+    /// (`poller`); 0: a tokio task per connection, asleep until data comes.
+    pub poll_us: u64,
 }
 
 /// A worker's answer to `connect`.
@@ -219,5 +225,8 @@ pub fn machine_jiffies() -> (u64, u64, u64) {
 /// Busy and steal percent of all CPUs between two `machine_jiffies` samples.
 pub fn busy_pct(a: (u64, u64, u64), b: (u64, u64, u64)) -> (f64, f64) {
     let t = (b.2 - a.2).max(1) as f64;
-    (100.0 * (b.0 - a.0) as f64 / t, 100.0 * (b.1 - a.1) as f64 / t)
+    (
+        100.0 * (b.0 - a.0) as f64 / t,
+        100.0 * (b.1 - a.1) as f64 / t,
+    )
 }

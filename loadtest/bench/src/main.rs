@@ -5,6 +5,7 @@
 
 mod common;
 mod floor;
+mod poller;
 mod procs;
 mod publish;
 mod scenarios;
@@ -23,6 +24,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once, at start
 enum Cmd {
     /// Run scenarios: idle, connect-storm, fanout, floor, broadcast, sweep, cluster
     /// (default: the standard set, everything but cluster).
@@ -67,7 +69,11 @@ pub struct Opts {
     #[arg(long, default_value_t = 10.0)]
     pub secs: f64,
     /// sweep: target deliveries/s per step (comma-separated).
-    #[arg(long, default_value = "50000,100000,150000,200000,250000,300000", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "50000,100000,150000,200000,250000,300000",
+        value_delimiter = ','
+    )]
     pub sweep: Vec<f64>,
     /// sweep: measured seconds per step.
     #[arg(long, default_value_t = 5.0)]
@@ -88,9 +94,25 @@ pub struct Opts {
     /// Connections per worker process (each is one single-threaded process).
     #[arg(long, default_value_t = 5_000)]
     pub per_worker: usize,
+    /// How the generator's clients wait for data: every this many µs one
+    /// thread per worker polls all its sockets and sleeps in between (so
+    /// the server's writes do not pay to wake a sleeping reader, a cost only
+    /// loopback charges the server; see docs/performance.md). 0: a tokio
+    /// task per connection sleeping in epoll until its data arrives.
+    #[arg(long, default_value_t = 250)]
+    pub client_poll_us: u64,
+    /// Runtime worker threads per node (`roomcast serve --worker-threads`);
+    /// 0: the machine's cores divided by the nodes of the scenario, so the
+    /// nodes together get one thread per core, as on their own machines.
+    #[arg(long, default_value_t = 0)]
+    pub node_threads: usize,
     /// Keep the run directory (node and redis logs) after the run.
     #[arg(long)]
     pub keep: bool,
+    /// Exit non-zero when any row lost a delivery or a connection (latency
+    /// is not judged): for smoke runs in the test suite.
+    #[arg(long)]
+    pub check: bool,
 }
 
 fn main() -> Result<()> {

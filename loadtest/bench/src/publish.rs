@@ -30,7 +30,11 @@ fn parse_reply(b: &[u8]) -> Option<(usize, Option<String>, Vec<u8>)> {
     let line = &b[1..nl];
     match b.first()? {
         b'+' | b':' => Some((nl + 2, None, line.to_vec())),
-        b'-' => Some((nl + 2, Some(String::from_utf8_lossy(line).into_owned()), vec![])),
+        b'-' => Some((
+            nl + 2,
+            Some(String::from_utf8_lossy(line).into_owned()),
+            vec![],
+        )),
         b'$' => {
             let n: i64 = std::str::from_utf8(line).ok()?.parse().ok()?;
             if n < 0 {
@@ -86,6 +90,7 @@ pub struct PubReport {
 
 /// Publishes `rate` events/s for `secs`, each into one random room, tagged
 /// `"w":w` (1 = measured, 0 = warm-up).
+#[allow(clippy::too_many_arguments)] // one call site per scenario step; a struct would only rename them
 pub async fn run(
     addr: &str,
     sha: &str,

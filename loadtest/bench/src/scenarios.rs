@@ -10,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::{
-    busy_pct, cpu_of, machine_jiffies, now_ms, rss_of, slab_bytes, tcp_mem_bytes, ConnectReport, Layout, Rng, WorkerSpec,
-    WorkerStats,
+    busy_pct, cpu_of, machine_jiffies, now_ms, rss_of, slab_bytes, tcp_mem_bytes, ConnectReport,
+    Layout, Rng, WorkerSpec, WorkerStats,
 };
 use crate::procs::{spawn, Proc};
 use crate::publish;
@@ -105,8 +105,19 @@ fn free_port(ip: &str) -> Result<u16> {
 async fn start_redis(env: &Env) -> Result<(Proc, String)> {
     let port = free_port("127.0.0.1")?;
     let args: Vec<String> = [
-        "--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-        "--protected-mode", "no", "--loglevel", "warning", "--dir",
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        "--loglevel",
+        "warning",
+        "--dir",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -117,7 +128,10 @@ async fn start_redis(env: &Env) -> Result<(Proc, String)> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while publish::ping(&addr).await.is_err() {
         if Instant::now() > deadline {
-            bail!("redis-server did not start (see {}/redis.log)", env.dir.display());
+            bail!(
+                "redis-server did not start (see {}/redis.log)",
+                env.dir.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -140,25 +154,53 @@ async fn ready(addr: &str) -> bool {
 }
 
 async fn start_nodes(env: &Env, n: usize, redis_addr: &str) -> Result<Vec<(Proc, String)>> {
+    let cores = std::thread::available_parallelism()
+        .map(|c| c.get())
+        .unwrap_or(1);
+    let threads = match env.opts.node_threads {
+        0 => (cores / n.max(1)).max(1),
+        t => t,
+    };
     let mut nodes = Vec::new();
     for k in 0..n {
         let ip = format!("127.0.0.{}", 2 + k);
         let addr = format!("{ip}:{}", free_port(&ip)?);
         let args: Vec<String> = [
-            "serve", "--listen", &addr, "--jwt-secret", SECRET, "--api-key", API_KEY,
-            "--redis", &format!("redis://{redis_addr}"), "--max-connections", "19000",
-            "--log-format", "json", "--node-id", &format!("n_bench{k}"),
+            "serve",
+            "--listen",
+            &addr,
+            "--jwt-secret",
+            SECRET,
+            "--api-key",
+            API_KEY,
+            "--redis",
+            &format!("redis://{redis_addr}"),
+            "--max-connections",
+            "19000",
+            "--log-format",
+            "json",
+            "--node-id",
+            &format!("n_bench{k}"),
+            "--worker-threads",
+            &threads.to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
-        nodes.push((spawn(&format!("node{k}"), &env.bin, &args, &env.dir, false)?, addr));
+        nodes.push((
+            spawn(&format!("node{k}"), &env.bin, &args, &env.dir, false)?,
+            addr,
+        ));
     }
     for (p, addr) in nodes.iter_mut() {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !ready(addr).await {
             if !p.alive() || Instant::now() > deadline {
-                bail!("node {addr} did not become ready (see {}/{}.log)", env.dir.display(), p.name);
+                bail!(
+                    "node {addr} did not become ready (see {}/{}.log)",
+                    env.dir.display(),
+                    p.name
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -187,8 +229,13 @@ fn spawn_workers(
                 count: per.min(layout.conns - first),
                 secret: SECRET.into(),
                 concurrency,
+                poll_us: env.opts.client_poll_us,
             };
-            let args = vec!["worker".into(), "--spec".into(), serde_json::to_string(&spec)?];
+            let args = vec![
+                "worker".into(),
+                "--spec".into(),
+                serde_json::to_string(&spec)?,
+            ];
             spawn(&format!("{tag}-worker{w}"), &env.me, &args, &env.dir, true)
         })
         .collect()
@@ -237,7 +284,9 @@ async fn stats(workers: &mut [Proc]) -> Result<(WorkerStats, Histogram<u64>)> {
 }
 
 fn cpu_sum(pids: &[u32]) -> (f64, f64) {
-    pids.iter().map(|p| cpu_of(*p)).fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
+    pids.iter()
+        .map(|p| cpu_of(*p))
+        .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
 fn self_pid() -> u32 {
@@ -245,7 +294,7 @@ fn self_pid() -> u32 {
 }
 
 fn fill_latency(row: &mut Row, h: &Histogram<u64>) {
-    if h.len() == 0 {
+    if h.is_empty() {
         return;
     }
     let ms = |us: u64| us as f64 / 1000.0;
@@ -296,18 +345,27 @@ async fn step(
     rng: &mut Rng,
     seq: &mut u64,
 ) -> Result<Row> {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
     let mut attempt = 1;
     loop {
         let mut row = step_once(c, name, deliveries_per_s, secs, warm_s, rng, seq).await?;
         let share = row.other_cpu_s / ((secs + 1.5) * cores);
         if share <= 0.05 || attempt == 2 {
             if share > 0.05 {
-                row.note = format!("NOISY: other processes used {:.0}% of the machine; {}", share * 100.0, row.note);
+                row.note = format!(
+                    "NOISY: other processes used {:.0}% of the machine; {}",
+                    share * 100.0,
+                    row.note
+                );
             }
             return Ok(row);
         }
-        eprintln!("  {name}: other processes used {:.0}% of the machine; measuring again", share * 100.0);
+        eprintln!(
+            "  {name}: other processes used {:.0}% of the machine; measuring again",
+            share * 100.0
+        );
         attempt += 1;
     }
 }
@@ -333,7 +391,12 @@ async fn step_once(
     }
     publish::run(&c.redis_addr, &sha, &sizes, pub_rate, warm_s, 0, rng, seq).await?;
     let node_pids: Vec<u32> = c.nodes.iter().map(|(p, _)| p.pid).collect();
-    let gen_pids: Vec<u32> = c.workers.iter().map(|w| w.pid).chain([self_pid()]).collect();
+    let gen_pids: Vec<u32> = c
+        .workers
+        .iter()
+        .map(|w| w.pid)
+        .chain([self_pid()])
+        .collect();
     let redis_pid = c.redis.as_ref().map(|r| r.pid).unwrap_or(0);
     let per0: Vec<(f64, f64)> = node_pids.iter().map(|p| cpu_of(*p)).collect();
     let (n0, g0, r0) = (cpu_sum(&node_pids), cpu_sum(&gen_pids), cpu_of(redis_pid));
@@ -344,7 +407,12 @@ async fn step_once(
     let (n1, g1, r1) = (cpu_sum(&node_pids), cpu_sum(&gen_pids), cpu_of(redis_pid));
     let m1 = machine_jiffies();
     let (busy, steal) = busy_pct(m0, m1);
-    let ours = (n1.0 - n0.0) + (n1.1 - n0.1) + (g1.0 - g0.0) + (g1.1 - g0.1) + (r1.0 - r0.0) + (r1.1 - r0.1);
+    let ours = (n1.0 - n0.0)
+        + (n1.1 - n0.1)
+        + (g1.0 - g0.0)
+        + (g1.1 - g0.1)
+        + (r1.0 - r0.0)
+        + (r1.1 - r0.1);
     let other = (busy_cpu_s(m0, m1) - ours).max(0.0);
     let (ws, hist) = stats(&mut c.workers).await?;
     let mut row = Row {
@@ -389,7 +457,13 @@ async fn step_once(
 
 async fn setup(env: &Env, tag: &str, layout: Layout, concurrency: usize) -> Result<Cluster> {
     let (redis, redis_addr) = start_redis(env).await?;
-    let mut c = Cluster { redis: Some(redis), redis_addr, nodes: vec![], workers: vec![], layout };
+    let mut c = Cluster {
+        redis: Some(redis),
+        redis_addr,
+        nodes: vec![],
+        workers: vec![],
+        layout,
+    };
     match async {
         c.nodes = start_nodes(env, layout.nodes, &c.redis_addr).await?;
         let targets = c.nodes.iter().map(|(_, a)| a.clone()).collect();
@@ -413,11 +487,26 @@ async fn setup(env: &Env, tag: &str, layout: Layout, concurrency: usize) -> Resu
     }
 }
 
-async fn idle_and_storm(env: &Env, want_idle: bool, want_storm: bool, rows: &mut Vec<Row>) -> Result<()> {
+async fn idle_and_storm(
+    env: &Env,
+    want_idle: bool,
+    want_storm: bool,
+    rows: &mut Vec<Row>,
+) -> Result<()> {
     let n = env.opts.idle_conns;
-    let layout = Layout { conns: n, rooms: 100, nodes: 1 };
+    let layout = Layout {
+        conns: n,
+        rooms: 100,
+        nodes: 1,
+    };
     let (redis, redis_addr) = start_redis(env).await?;
-    let mut c = Cluster { redis: Some(redis), redis_addr, nodes: vec![], workers: vec![], layout };
+    let mut c = Cluster {
+        redis: Some(redis),
+        redis_addr,
+        nodes: vec![],
+        workers: vec![],
+        layout,
+    };
     let res = async {
         c.nodes = start_nodes(env, 1, &c.redis_addr).await?;
         let targets = c.nodes.iter().map(|(_, a)| a.clone()).collect();
@@ -479,22 +568,64 @@ async fn idle_and_storm(env: &Env, want_idle: bool, want_storm: bool, rows: &mut
     res
 }
 
-async fn floor_step(env: &Env, layout: Layout, deliveries_per_s: f64, secs: f64) -> Result<Row> {
-    let addr = format!("127.0.0.2:{}", free_port("127.0.0.2")?);
-    let args = vec!["floor".into(), "--listen".into(), addr.clone(), "--rooms".into(), layout.rooms.to_string()];
-    let mut fl = spawn("floor", &env.me, &args, &env.dir, true)?;
-    let mut workers = vec![];
-    let res = async {
-        let l = fl.recv(Duration::from_secs(10)).await?;
-        if l != "listening" {
-            bail!("floor: {l}");
+/// The floor probe and its clients, kept for several steps.
+struct FloorRig {
+    probe: Proc,
+    workers: Vec<Proc>,
+    layout: Layout,
+}
+
+impl FloorRig {
+    async fn start(env: &Env, layout: Layout) -> Result<Self> {
+        let addr = format!("127.0.0.2:{}", free_port("127.0.0.2")?);
+        let args = vec![
+            "floor".into(),
+            "--listen".into(),
+            addr.clone(),
+            "--rooms".into(),
+            layout.rooms.to_string(),
+        ];
+        let probe = spawn("floor", &env.me, &args, &env.dir, true)?;
+        let mut rig = FloorRig {
+            probe,
+            workers: vec![],
+            layout,
+        };
+        let res = async {
+            let l = rig.probe.recv(Duration::from_secs(10)).await?;
+            if l != "listening" {
+                bail!("floor: {l}");
+            }
+            rig.workers = spawn_workers(env, "floor", "floor", vec![addr.clone()], layout, 256)?;
+            connect(&mut rig.workers).await?;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while rig.probe.ask("count", PATIENCE).await?.parse::<usize>()? < layout.conns
+                && Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            anyhow::Ok(())
         }
-        workers = spawn_workers(env, "floor", "floor", vec![addr.clone()], layout, 256)?;
-        connect(&mut workers).await?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while fl.ask("count", PATIENCE).await?.parse::<usize>()? < layout.conns && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        .await;
+        match res {
+            Ok(()) => Ok(rig),
+            Err(e) => {
+                rig.teardown().await;
+                Err(e)
+            }
         }
+    }
+
+    async fn teardown(self) {
+        for w in self.workers {
+            w.kill().await;
+        }
+        self.probe.kill().await;
+    }
+
+    /// One measured step: a 2 s warm-up, then `secs` at `deliveries_per_s`.
+    async fn step(&mut self, name: &str, deliveries_per_s: f64, secs: f64) -> Result<Row> {
+        let (layout, fl, workers) = (self.layout, &mut self.probe, &mut self.workers);
         wait_quiet().await;
         let mean_room = layout.conns as f64 / layout.rooms as f64;
         let rate = deliveries_per_s / mean_room;
@@ -506,7 +637,8 @@ async fn floor_step(env: &Env, layout: Layout, deliveries_per_s: f64, secs: f64)
         let (f0, g0) = (cpu_of(fl.pid), cpu_sum(&gen_pids));
         let m0 = machine_jiffies();
         let t = Instant::now();
-        let out: serde_json::Value = serde_json::from_str(&fl.ask(&format!("run {rate} 1 {secs}"), PATIENCE).await?)?;
+        let out: serde_json::Value =
+            serde_json::from_str(&fl.ask(&format!("run {rate} 1 {secs}"), PATIENCE).await?)?;
         let elapsed = t.elapsed().as_secs_f64();
         let f1 = cpu_of(fl.pid);
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -515,10 +647,10 @@ async fn floor_step(env: &Env, layout: Layout, deliveries_per_s: f64, secs: f64)
         let (busy, steal) = busy_pct(m0, m1);
         let ours = (f1.0 - f0.0) + (f1.1 - f0.1) + (g1.0 - g0.0) + (g1.1 - g0.1);
         let other = (busy_cpu_s(m0, m1) - ours).max(0.0);
-        let (ws, hist) = stats(&mut workers).await?;
+        let (ws, hist) = stats(workers).await?;
         let written = out["written"].as_u64().unwrap_or(0);
         let mut row = Row {
-            scenario: "floor".into(),
+            scenario: name.into(),
             nodes: 1,
             conns: layout.conns,
             rooms: layout.rooms,
@@ -534,33 +666,90 @@ async fn floor_step(env: &Env, layout: Layout, deliveries_per_s: f64, secs: f64)
             machine_busy_pct: busy,
             machine_steal_pct: steal,
             other_cpu_s: other,
-            note: format!("floor probe: one write(2) per frame per socket; short writes {}", out["short"]),
+            note: format!(
+                "floor probe: one write(2) per frame per socket; short writes {}",
+                out["short"]
+            ),
             ..Row::default()
         };
         row.node_cpu_s_per_m = (row.node_user_s + row.node_sys_s) / (written.max(1) as f64 / 1e6);
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1) as f64;
         if other / ((elapsed + 1.5) * cores) > 0.05 {
-            row.note = format!("NOISY: other processes used {:.0}% of the machine; {}", 100.0 * other / ((elapsed + 1.5) * cores), row.note);
+            row.note = format!(
+                "NOISY: other processes used {:.0}% of the machine; {}",
+                100.0 * other / ((elapsed + 1.5) * cores),
+                row.note
+            );
         }
         fill_latency(&mut row, &hist);
         Ok(row)
     }
-    .await;
-    for w in workers {
-        w.kill().await;
+}
+
+/// The sweep's criterion: p99 ≤ 10 ms, nothing lost, no connection closed.
+fn passes(r: &Row) -> bool {
+    r.delivered == r.expected && r.p99_ms <= 10.0 && r.closed_conns == 0
+}
+
+/// Steps through `rates` (deliveries/s), marking each row pass or FAIL,
+/// until two fail in a row; returns the highest passing rate.
+async fn sweep_rates(
+    label: &str,
+    rates: &[f64],
+    rows: &mut Vec<Row>,
+    mut step: impl AsyncFnMut(String, f64) -> Result<Row>,
+) -> Result<Option<f64>> {
+    let (mut best, mut fails) = (None, 0);
+    for &target in rates {
+        let mut r = step(format!("{label} {}k", target / 1000.0), target).await?;
+        let pass = passes(&r);
+        r.note = format!(
+            "{} (p99<=10ms and 0 loss) {}",
+            if pass { "pass" } else { "FAIL" },
+            r.note
+        );
+        eprintln!(
+            "  {label} {target}: {:.0}/s p99 {:.2} ms, {}/{} -> {}",
+            r.deliveries_per_s,
+            r.p99_ms,
+            r.delivered,
+            r.expected,
+            if pass { "pass" } else { "fail" }
+        );
+        rows.push(r);
+        if pass {
+            best = Some(target);
+            fails = 0;
+        } else {
+            fails += 1;
+            if fails >= 2 {
+                break;
+            }
+        }
     }
-    fl.kill().await;
-    res
+    Ok(best)
 }
 
 fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
-    let date = std::process::Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
     serde_json::json!({
         "date": date,
         "nproc": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -572,10 +761,29 @@ fn machine() -> serde_json::Value {
 
 pub async fn run(mut opts: Opts) -> Result<()> {
     if opts.scenarios.is_empty() {
-        opts.scenarios = ["idle", "connect-storm", "fanout", "floor", "broadcast", "sweep"]
-            .iter().map(|s| s.to_string()).collect();
+        opts.scenarios = [
+            "idle",
+            "connect-storm",
+            "fanout",
+            "floor",
+            "broadcast",
+            "sweep",
+            "floor-sweep",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
     }
-    let known = ["idle", "connect-storm", "fanout", "floor", "broadcast", "sweep", "cluster"];
+    let known = [
+        "idle",
+        "connect-storm",
+        "fanout",
+        "floor",
+        "broadcast",
+        "sweep",
+        "floor-sweep",
+        "cluster",
+    ];
     for s in &opts.scenarios {
         if !known.contains(&s.as_str()) {
             bail!("unknown scenario {s}; known: {}", known.join(", "));
@@ -585,46 +793,66 @@ pub async fn run(mut opts: Opts) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let bin = dir.join("roomcast");
     std::fs::copy(&opts.server_bin, &bin).with_context(|| {
-        format!("copying {} (build it: cargo build --release -p roomcast)", opts.server_bin.display())
+        format!(
+            "copying {} (build it: cargo build --release -p roomcast)",
+            opts.server_bin.display()
+        )
     })?;
-    let env = Env { dir: dir.clone(), bin, me: std::env::current_exe()?, opts: opts.clone() };
+    let env = Env {
+        dir: dir.clone(),
+        bin,
+        me: std::env::current_exe()?,
+        opts: opts.clone(),
+    };
     let want = |s: &str| opts.scenarios.iter().any(|x| x == s);
     let mut rows: Vec<Row> = Vec::new();
     let mut rng = Rng::new(0x00c0_ffee);
     let mut seq = 0u64;
     let started = Instant::now();
     let mut sweep_summary = None;
+    let mut floor_summary = None;
 
     if want("idle") || want("connect-storm") {
-        eprintln!("== idle / connect-storm: {} connections, 1 node", opts.idle_conns);
+        eprintln!(
+            "== idle / connect-storm: {} connections, 1 node",
+            opts.idle_conns
+        );
         idle_and_storm(&env, want("idle"), want("connect-storm"), &mut rows).await?;
     }
-    let fan_layout = Layout { conns: opts.conns, rooms: opts.rooms, nodes: opts.nodes };
+    let fan_layout = Layout {
+        conns: opts.conns,
+        rooms: opts.rooms,
+        nodes: opts.nodes,
+    };
     if want("fanout") || want("sweep") {
-        eprintln!("== fanout: {} connections, {} rooms, {} nodes", opts.conns, opts.rooms, opts.nodes);
+        eprintln!(
+            "== fanout: {} connections, {} rooms, {} nodes",
+            opts.conns, opts.rooms, opts.nodes
+        );
         let mut c = setup(&env, "fanout", fan_layout, 256).await?;
         let res = async {
             if want("fanout") {
-                rows.push(step(&mut c, "fanout", opts.rate, opts.secs, 2.0, &mut rng, &mut seq).await?);
+                rows.push(
+                    step(
+                        &mut c, "fanout", opts.rate, opts.secs, 2.0, &mut rng, &mut seq,
+                    )
+                    .await?,
+                );
             }
             if want("sweep") {
-                let (mut best, mut fails) = (None, 0);
-                for &target in &opts.sweep {
-                    let mut r = step(&mut c, &format!("sweep {}k", target / 1000.0), target, opts.sweep_secs, 1.0, &mut rng, &mut seq).await?;
-                    let pass = r.delivered == r.expected && r.p99_ms <= 10.0 && r.closed_conns == 0;
-                    r.note = format!("{} (p99<=10ms and 0 loss) {}", if pass { "pass" } else { "FAIL" }, r.note);
-                    eprintln!("  sweep {target}: {:.0}/s p99 {:.2} ms, {}/{} -> {}", r.deliveries_per_s, r.p99_ms, r.delivered, r.expected, if pass { "pass" } else { "fail" });
-                    rows.push(r);
-                    if pass {
-                        best = Some(target);
-                        fails = 0;
-                    } else {
-                        fails += 1;
-                        if fails >= 2 {
-                            break;
-                        }
-                    }
-                }
+                let best = sweep_rates("sweep", &opts.sweep, &mut rows, async |name, target| {
+                    step(
+                        &mut c,
+                        &name,
+                        target,
+                        opts.sweep_secs,
+                        1.0,
+                        &mut rng,
+                        &mut seq,
+                    )
+                    .await
+                })
+                .await?;
                 sweep_summary = Some(best);
             }
             anyhow::Ok(())
@@ -633,37 +861,117 @@ pub async fn run(mut opts: Opts) -> Result<()> {
         c.teardown().await;
         res?;
     }
-    if want("floor") {
-        eprintln!("== floor probe: {} sockets, {} rooms", opts.conns, opts.rooms);
-        let mut r = floor_step(&env, Layout { nodes: 1, ..fan_layout }, opts.rate, opts.secs).await?;
-        if let Some(f) = rows.iter().find(|r| r.scenario == "fanout") {
-            r.note = format!("{}; fanout node CPU/M is {:.2}x the floor", r.note, f.node_cpu_s_per_m / r.node_cpu_s_per_m.max(1e-9));
+    if want("floor") || want("floor-sweep") {
+        eprintln!(
+            "== floor probe: {} sockets, {} rooms",
+            opts.conns, opts.rooms
+        );
+        let mut rig = FloorRig::start(
+            &env,
+            Layout {
+                nodes: 1,
+                ..fan_layout
+            },
+        )
+        .await?;
+        let res = async {
+            if want("floor") {
+                let mut r = rig.step("floor", opts.rate, opts.secs).await?;
+                if let Some(f) = rows.iter().find(|r| r.scenario == "fanout") {
+                    r.note = format!(
+                        "{}; fanout node CPU/M is {:.2}x the floor",
+                        r.note,
+                        f.node_cpu_s_per_m / r.node_cpu_s_per_m.max(1e-9)
+                    );
+                }
+                rows.push(r);
+            }
+            if want("floor-sweep") {
+                let best = sweep_rates(
+                    "floor-sweep",
+                    &opts.sweep,
+                    &mut rows,
+                    async |name, target| rig.step(&name, target, opts.sweep_secs).await,
+                )
+                .await?;
+                floor_summary = Some(best);
+            }
+            anyhow::Ok(())
         }
-        rows.push(r);
+        .await;
+        rig.teardown().await;
+        res?;
     }
     if want("broadcast") {
-        eprintln!("== broadcast: {} connections, 1 room, {} nodes", opts.conns, opts.nodes);
-        let layout = Layout { conns: opts.conns, rooms: 1, nodes: opts.nodes };
+        eprintln!(
+            "== broadcast: {} connections, 1 room, {} nodes",
+            opts.conns, opts.nodes
+        );
+        let layout = Layout {
+            conns: opts.conns,
+            rooms: 1,
+            nodes: opts.nodes,
+        };
         let mut c = setup(&env, "broadcast", layout, 256).await?;
-        let res = step(&mut c, "broadcast", opts.rate, opts.secs, 2.0, &mut rng, &mut seq).await;
+        let res = step(
+            &mut c,
+            "broadcast",
+            opts.rate,
+            opts.secs,
+            2.0,
+            &mut rng,
+            &mut seq,
+        )
+        .await;
         c.teardown().await;
         rows.push(res?);
     }
     if want("cluster") {
-        eprintln!("== cluster: {} nodes, {} connections, {} rooms", opts.cluster_nodes, opts.conns, opts.rooms);
-        let layout = Layout { conns: opts.conns, rooms: opts.rooms, nodes: opts.cluster_nodes };
+        eprintln!(
+            "== cluster: {} nodes, {} connections, {} rooms",
+            opts.cluster_nodes, opts.conns, opts.rooms
+        );
+        let layout = Layout {
+            conns: opts.conns,
+            rooms: opts.rooms,
+            nodes: opts.cluster_nodes,
+        };
         let mut c = setup(&env, "cluster", layout, 256).await?;
-        let res = step(&mut c, "cluster", opts.cluster_rate, opts.cluster_secs, 2.0, &mut rng, &mut seq).await;
+        let res = step(
+            &mut c,
+            "cluster",
+            opts.cluster_rate,
+            opts.cluster_secs,
+            2.0,
+            &mut rng,
+            &mut seq,
+        )
+        .await;
         c.teardown().await;
         let mut r = res?;
-        r.note = r.note.clone() + &r.per_node.iter().map(|n| format!("{}: {:.2}+{:.2} CPU-s, {:.0} MiB", n.addr, n.user_s, n.sys_s, n.rss_mib)).collect::<Vec<_>>().join("; ");
+        r.note = r.note.clone()
+            + &r.per_node
+                .iter()
+                .map(|n| {
+                    format!(
+                        "{}: {:.2}+{:.2} CPU-s, {:.0} MiB",
+                        n.addr, n.user_s, n.sys_s, n.rss_mib
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
         rows.push(r);
     }
 
     let m = machine();
-    print_table(&rows, &m, sweep_summary, started.elapsed());
+    print_table(&rows, &m, sweep_summary, floor_summary, started.elapsed());
     if let Some(path) = &opts.json {
-        let doc = serde_json::json!({ "machine": m, "rows": rows, "sweep_highest_passing_deliveries_per_s": sweep_summary.flatten() });
+        let doc = serde_json::json!({
+            "machine": m,
+            "rows": rows,
+            "sweep_highest_passing_deliveries_per_s": sweep_summary.flatten(),
+            "floor_sweep_highest_passing_deliveries_per_s": floor_summary.flatten(),
+        });
         std::fs::write(path, serde_json::to_string_pretty(&doc)?)?;
         eprintln!("wrote {}", path.display());
     }
@@ -672,38 +980,88 @@ pub async fn run(mut opts: Opts) -> Result<()> {
     } else {
         let _ = std::fs::remove_dir_all(&dir);
     }
+    if opts.check {
+        let lost: Vec<String> = rows
+            .iter()
+            .filter(|r| r.delivered != r.expected || r.closed_conns > 0 || r.publish_errors > 0)
+            .map(|r| {
+                format!(
+                    "{}: {}/{} delivered, {} connections closed or failed, {} publish errors",
+                    r.scenario, r.delivered, r.expected, r.closed_conns, r.publish_errors
+                )
+            })
+            .collect();
+        if !lost.is_empty() {
+            bail!("--check: {}", lost.join("; "));
+        }
+        eprintln!("--check: {} rows, nothing lost", rows.len());
+    }
     Ok(())
 }
 
-fn print_table(rows: &[Row], m: &serde_json::Value, sweep: Option<Option<f64>>, took: Duration) {
+fn print_table(
+    rows: &[Row],
+    m: &serde_json::Value,
+    sweep: Option<Option<f64>>,
+    floor_sweep: Option<Option<f64>>,
+    took: Duration,
+) {
     println!(
         "\nroomcast-bench  {}  nproc={}  {}  kernel {}  ({:.0} s)",
-        m["date"].as_str().unwrap_or(""), m["nproc"], m["cpu"].as_str().unwrap_or(""),
-        m["kernel"].as_str().unwrap_or(""), took.as_secs_f64()
+        m["date"].as_str().unwrap_or(""),
+        m["nproc"],
+        m["cpu"].as_str().unwrap_or(""),
+        m["kernel"].as_str().unwrap_or(""),
+        took.as_secs_f64()
     );
     println!(
-        "{:<14} {:>5} {:>6} {:>5} {:>8} {:>10} {:>19} {:>7} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8} {:>7} {:>8} {:>5} {:>6}  {}",
+        "{:<14} {:>5} {:>6} {:>5} {:>8} {:>10} {:>19} {:>7} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8} {:>7} {:>8} {:>5} {:>6}  note",
         "scenario", "nodes", "conns", "rooms", "pub/s", "deliv/s", "delivered/expected", "p50ms", "p90ms",
-        "p99ms", "p999ms", "maxms", "nodeCPU usr+sys", "CPU-s/M", "redis/M", "gen CPU", "busy%", "other", "note"
+        "p99ms", "p999ms", "maxms", "nodeCPU usr+sys", "CPU-s/M", "redis/M", "gen CPU", "busy%", "other"
     );
-    let dash = |v: f64, p: usize| if v == 0.0 { "-".to_string() } else { format!("{v:.p$}") };
+    let dash = |v: f64, p: usize| {
+        if v == 0.0 {
+            "-".to_string()
+        } else {
+            format!("{v:.p$}")
+        }
+    };
     for r in rows {
-        let de = if r.expected == 0 && r.delivered == 0 { "-".into() } else { format!("{}/{}", r.delivered, r.expected) };
+        let de = if r.expected == 0 && r.delivered == 0 {
+            "-".into()
+        } else {
+            format!("{}/{}", r.delivered, r.expected)
+        };
+        let cpu = format!("{:.2}+{:.2}", r.node_user_s, r.node_sys_s);
+        let closed = if r.closed_conns > 0 {
+            format!(" [closed/failed conns: {}]", r.closed_conns)
+        } else {
+            String::new()
+        };
+        let errors = if r.publish_errors > 0 {
+            format!(" [publish errors: {}]", r.publish_errors)
+        } else {
+            String::new()
+        };
         println!(
-            "{:<14} {:>5} {:>6} {:>5} {:>8} {:>10} {:>19} {:>7} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8} {:>7} {:>8} {:>5} {:>6}  {}",
+            "{:<14} {:>5} {:>6} {:>5} {:>8} {:>10} {:>19} {:>7} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8} {:>7} {:>8} {:>5} {:>6}  {}{closed}{errors}",
             r.scenario, r.nodes, r.conns, r.rooms, dash(r.publishes_per_s, 0), dash(r.deliveries_per_s, 0), de,
             dash(r.p50_ms, 2), dash(r.p90_ms, 2), dash(r.p99_ms, 2), dash(r.p999_ms, 2), dash(r.max_ms, 2),
-            format!("{:.2}+{:.2}", r.node_user_s, r.node_sys_s), dash(r.node_cpu_s_per_m, 2),
+            cpu, dash(r.node_cpu_s_per_m, 2),
             dash(r.redis_cpu_s_per_m, 2), dash(r.gen_cpu_s, 2), dash(r.machine_busy_pct, 0), dash(r.other_cpu_s, 2),
-            format!("{}{}{}", r.note,
-                if r.closed_conns > 0 { format!(" [closed/failed conns: {}]", r.closed_conns) } else { String::new() },
-                if r.publish_errors > 0 { format!(" [publish errors: {}]", r.publish_errors) } else { String::new() }),
+            r.note,
         );
     }
-    if let Some(best) = sweep {
-        match best {
-            Some(b) => println!("sweep: highest rate with p99 <= 10 ms and 0 loss: {b:.0} deliveries/s"),
-            None => println!("sweep: no step passed (p99 <= 10 ms and 0 loss)"),
+    for (label, summary) in [
+        ("sweep", sweep),
+        ("floor-sweep (the floor probe, same clients)", floor_sweep),
+    ] {
+        match summary {
+            Some(Some(b)) => {
+                println!("{label}: highest rate with p99 <= 10 ms and 0 loss: {b:.0} deliveries/s")
+            }
+            Some(None) => println!("{label}: no step passed (p99 <= 10 ms and 0 loss)"),
+            None => {}
         }
     }
 }

@@ -4,9 +4,8 @@
 //! publish→deliver latency from the `t_ns` the publisher put in each event.
 //! Driven over stdin/stdout by the orchestrator, one line per command.
 
-use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -19,23 +18,53 @@ use tokio::sync::{mpsc, Semaphore};
 use crate::common::{
     mint, now_ms, now_ns, room_name, source_of, ConnectReport, WorkerSpec, WorkerStats,
 };
+use crate::poller::Poller;
 
-struct Stats {
+pub struct Stats {
     hist: Histogram<u64>,
     measured: u64,
     all: u64,
-    closed: u64,
+    pub closed: u64,
 }
 
-thread_local! {
-    static W1: memmem::Finder<'static> = memmem::Finder::new(br#""w":1"#);
-    static TNS: memmem::Finder<'static> = memmem::Finder::new(br#""t_ns":"#);
-    static STATS: RefCell<Stats> = RefCell::new(Stats {
+/// The worker's figures, shared by its readers (tokio tasks or the poller
+/// thread) and the command loop; readers lock it once per read.
+pub static STATS: LazyLock<Mutex<Stats>> = LazyLock::new(|| {
+    Mutex::new(Stats {
         hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
         measured: 0,
         all: 0,
         closed: 0,
-    });
+    })
+});
+
+static W1: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(br#""w":1"#));
+static TNS: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(br#""t_ns":"#));
+
+impl Stats {
+    /// Counts an event frame received at `now` (ns) and records its latency
+    /// from the `t_ns` the publisher put in it.
+    pub fn on_event(&mut self, payload: &[u8], now: u64) {
+        self.all += 1;
+        if W1.find(payload).is_none() {
+            return;
+        }
+        self.measured += 1;
+        if let Some(p) = TNS.find(payload) {
+            let digits = &payload[p + 7..];
+            let mut t = 0u64;
+            for &d in digits.iter().take_while(|d| d.is_ascii_digit()) {
+                t = t * 10 + (d - b'0') as u64;
+            }
+            let us = now.saturating_sub(t) / 1000;
+            self.hist.saturating_record(us.max(1));
+        }
+    }
+}
+
+fn stats() -> std::sync::MutexGuard<'static, Stats> {
+    STATS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 pub fn main(spec: WorkerSpec) -> Result<()> {
@@ -47,17 +76,21 @@ pub fn main(spec: WorkerSpec) -> Result<()> {
 }
 
 async fn run(spec: WorkerSpec) -> Result<()> {
+    let poller = match spec.poll_us {
+        0 => None,
+        us => Some(Arc::new(Poller::start(Duration::from_micros(us))?)),
+    };
     let spec = Arc::new(spec);
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = lines.next_line().await? {
         match line.trim() {
             "connect" => {
-                let report = connect_all(&spec).await;
+                let report = connect_all(&spec, poller.clone()).await;
                 println!("{}", serde_json::to_string(&report)?);
             }
             "stats" => {
-                let s = STATS.with(|s| {
-                    let s = s.borrow();
+                let s = {
+                    let s = stats();
                     WorkerStats {
                         measured: s.measured,
                         all: s.all,
@@ -68,16 +101,16 @@ async fn run(spec: WorkerSpec) -> Result<()> {
                             .map(|v| (v.value_iterated_to(), v.count_at_value()))
                             .collect(),
                     }
-                });
+                };
                 println!("{}", serde_json::to_string(&s)?);
             }
             "reset" => {
-                STATS.with(|s| {
-                    let mut s = s.borrow_mut();
+                {
+                    let mut s = stats();
                     s.hist.reset();
                     s.measured = 0;
                     s.all = 0;
-                });
+                }
                 println!("ok");
             }
             "quit" | "" => break,
@@ -87,11 +120,11 @@ async fn run(spec: WorkerSpec) -> Result<()> {
     std::process::exit(0);
 }
 
-async fn connect_all(spec: &Arc<WorkerSpec>) -> ConnectReport {
+async fn connect_all(spec: &Arc<WorkerSpec>, poller: Option<Arc<Poller>>) -> ConnectReport {
     let sem = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let (tx, mut rx) = mpsc::unbounded_channel();
     for i in spec.first..spec.first + spec.count {
-        let (spec, sem, tx) = (spec.clone(), sem.clone(), tx.clone());
+        let (spec, sem, tx, poller) = (spec.clone(), sem.clone(), tx.clone(), poller.clone());
         tokio::spawn(async move {
             let permit = sem.acquire_owned().await.expect("never closed");
             let res = tokio::time::timeout(Duration::from_secs(30), establish(&spec, i)).await;
@@ -99,7 +132,15 @@ async fn connect_all(spec: &Arc<WorkerSpec>) -> ConnectReport {
             match res {
                 Ok(Ok((stream, buf))) => {
                     let _ = tx.send(Ok(now_ms()));
-                    read_loop(stream, buf).await;
+                    match (poller, stream.into_std()) {
+                        (Some(p), Ok(std)) => p.add(std, buf),
+                        (Some(_), Err(_)) => stats().closed += 1,
+                        (None, Ok(std)) => match TcpStream::from_std(std) {
+                            Ok(stream) => read_loop(stream, buf).await,
+                            Err(_) => stats().closed += 1,
+                        },
+                        (None, Err(_)) => stats().closed += 1,
+                    }
                 }
                 Ok(Err(e)) => {
                     let _ = tx.send(Err(format!("conn {i}: {e:#}")));
@@ -150,8 +191,43 @@ fn parse_header(b: &[u8]) -> Option<(u8, usize, usize)> {
     Some((opcode, hl, len))
 }
 
+/// A server frame a reader acts on.
+pub enum Frame<'a> {
+    /// A text or binary message.
+    Event(&'a [u8]),
+    /// A ping, with its payload for the pong.
+    Ping(&'a [u8]),
+    Close,
+}
+
+pub const OP_PONG: u8 = 0xA;
+
+/// Hands each complete frame at the start of `buf` to `on_frame` (which
+/// returns false to stop: the connection is over); returns how many bytes
+/// were whole frames, or None when `on_frame` stopped.
+pub fn parse_frames(buf: &[u8], mut on_frame: impl FnMut(Frame<'_>) -> bool) -> Option<usize> {
+    let mut pos = 0;
+    while let Some((op, hl, len)) = parse_header(&buf[pos..]) {
+        if buf.len() - pos < hl + len {
+            break;
+        }
+        let payload = &buf[pos + hl..pos + hl + len];
+        let go_on = match op {
+            0x1 | 0x2 => on_frame(Frame::Event(payload)),
+            0x9 => on_frame(Frame::Ping(payload)),
+            0x8 => on_frame(Frame::Close),
+            _ => true,
+        };
+        if !go_on {
+            return None;
+        }
+        pos += hl + len;
+    }
+    Some(pos)
+}
+
 /// A masked client frame (payload < 126 bytes).
-fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+pub fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     assert!(payload.len() < 126);
     let key = (now_ns() as u32).to_be_bytes();
     let mut f = Vec::with_capacity(6 + payload.len());
@@ -227,60 +303,40 @@ async fn establish(spec: &WorkerSpec, i: usize) -> Result<(TcpStream, Vec<u8>)> 
     }
 }
 
-fn on_event(payload: &[u8]) {
-    let now = now_ns();
-    STATS.with(|s| {
-        let mut s = s.borrow_mut();
-        s.all += 1;
-        if W1.with(|f| f.find(payload)).is_none() {
-            return;
-        }
-        s.measured += 1;
-        if let Some(p) = TNS.with(|f| f.find(payload)) {
-            let digits = &payload[p + 7..];
-            let mut t = 0u64;
-            for &d in digits.iter().take_while(|d| d.is_ascii_digit()) {
-                t = t * 10 + (d - b'0') as u64;
-            }
-            let us = now.saturating_sub(t) / 1000;
-            s.hist.saturating_record(us.max(1));
-        }
-    });
-}
-
 async fn read_loop(mut s: TcpStream, mut buf: Vec<u8>) {
     loop {
-        let mut pos = 0;
-        while let Some((op, hl, len)) = parse_header(&buf[pos..]) {
-            if buf.len() - pos < hl + len {
-                break;
-            }
-            let payload = &buf[pos + hl..pos + hl + len];
-            match op {
-                0x1 | 0x2 => on_event(payload),
-                0x9 => {
-                    let pong = client_frame(0xA, payload);
-                    if s.write_all(&pong).await.is_err() {
-                        STATS.with(|st| st.borrow_mut().closed += 1);
-                        return;
-                    }
+        let mut pongs = Vec::new();
+        let used = {
+            let mut st = stats();
+            let now = now_ns();
+            parse_frames(&buf, |frame| match frame {
+                Frame::Event(payload) => {
+                    st.on_event(payload, now);
+                    true
                 }
-                0x8 => {
-                    STATS.with(|st| st.borrow_mut().closed += 1);
-                    return;
+                Frame::Ping(payload) => {
+                    pongs.extend(client_frame(OP_PONG, payload));
+                    true
                 }
-                _ => {}
-            }
-            pos += hl + len;
+                Frame::Close => false,
+            })
+        };
+        let Some(used) = used else {
+            stats().closed += 1;
+            return;
+        };
+        if !pongs.is_empty() && s.write_all(&pongs).await.is_err() {
+            stats().closed += 1;
+            return;
         }
-        buf.drain(..pos);
+        buf.drain(..used);
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(2048);
         }
         match s.read_buf(&mut buf).await {
             Ok(n) if n > 0 => {}
             _ => {
-                STATS.with(|st| st.borrow_mut().closed += 1);
+                stats().closed += 1;
                 return;
             }
         }
