@@ -12,6 +12,7 @@ run:
 test: test-deps lint test-ops
 	$(CARGO) test --workspace --all-targets
 	$(CARGO) test --workspace --doc
+	$(MAKE) bench-smoke
 
 ## Tools the tests use: a real redis-server (7+, for sharded pub/sub) and redis-cli,
 ## Debian's Chromium for browser tests, the e2e npm packages, the Python protobuf client tools.
@@ -35,6 +36,7 @@ test-deps:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	cd loadtest/bench && $(CARGO) fmt -- --check && $(CARGO) clippy --all-targets -- -D warnings
 
 build:
 	$(CARGO) build --release -p roomcast
@@ -47,11 +49,22 @@ clean:
 BENCH := loadtest/bench/target/release/roomcast-bench
 BENCH_ARGS ?=
 
-.PHONY: bench bench-cluster bench-tool
+.PHONY: bench bench-cluster bench-tool bench-smoke
 bench-tool: build test-deps
 	cd loadtest/bench && $(CARGO) build --release
 
-## The standard set (idle, connect-storm, fanout + floor, broadcast, rate sweep), a few minutes.
+## Every scenario of the tool at toy scale against a debug node, judged only on loss
+## (--check): keeps the tool building and running. Its figures mean nothing; `make bench` measures.
+SMOKE_ARGS := --conns 400 --rooms 20 --rate 4000 --secs 1 --per-worker 200 --idle-conns 300 \
+	--sweep 2000 --sweep-secs 1 --check
+bench-smoke: test-deps
+	$(CARGO) build -p roomcast
+	cd loadtest/bench && $(CARGO) build
+	loadtest/bench/target/debug/roomcast-bench run idle connect-storm fanout floor broadcast sweep \
+		floor-sweep --server-bin target/debug/roomcast $(SMOKE_ARGS)
+
+## The standard set (idle, connect-storm, fanout + floor, broadcast, rate sweeps of the nodes
+## and of the floor probe), a few minutes.
 bench: bench-tool
 	$(BENCH) run --server-bin target/release/roomcast --json target/bench.json $(BENCH_ARGS)
 
