@@ -21,7 +21,7 @@ use anyhow::Result;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::worker::{client_frame, parse_frames, Frame, OP_PONG, STATS};
+use crate::worker::{client_frame, parse_frames, stats, Frame, OP_PONG};
 
 /// Hands connections to the polling thread.
 pub struct Poller {
@@ -70,7 +70,7 @@ fn run(mut poll: Poll, rx: mpsc::Receiver<(std::net::TcpStream, Vec<u8>)>, tick:
                 .register(&mut conn.stream, token, Interest::READABLE)
                 .is_err()
             {
-                STATS.lock().expect("stats lock").closed += 1;
+                stats().closed += 1;
                 continue;
             }
             let open = consume(&mut conn, &leftover);
@@ -106,7 +106,7 @@ fn run(mut poll: Poll, rx: mpsc::Receiver<(std::net::TcpStream, Vec<u8>)>, tick:
                 if let Some(mut c) = slot.take() {
                     let _ = poll.registry().deregister(&mut c.stream);
                 }
-                STATS.lock().expect("stats lock").closed += 1;
+                stats().closed += 1;
             }
         }
         if ready < BATCH {
@@ -127,7 +127,7 @@ fn consume(conn: &mut Conn, data: &[u8]) -> bool {
         &owned[..]
     };
     let stream = &mut conn.stream;
-    let mut stats = STATS.lock().expect("stats lock");
+    let mut stats = stats();
     let now = crate::common::now_ns();
     let used = parse_frames(buf, |frame| match frame {
         Frame::Event(payload) => {

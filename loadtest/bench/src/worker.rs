@@ -63,7 +63,7 @@ impl Stats {
     }
 }
 
-fn stats() -> std::sync::MutexGuard<'static, Stats> {
+pub fn stats() -> std::sync::MutexGuard<'static, Stats> {
     STATS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
