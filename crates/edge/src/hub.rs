@@ -457,7 +457,7 @@ impl Hub {
                 continue;
             }
             let pushed = match &r.coalesce {
-                None => session.outbox.push(frame.clone()),
+                None => session.outbox.push_shared(frame),
                 Some((k, window)) => session.outbox.push_coalesced(k, frame.clone(), *window),
             };
             match pushed {

@@ -5,9 +5,18 @@
 //!
 //! A WebSocket session also gives the outbox its socket: while nothing is
 //! queued and the writer is idle, a push writes the frame straight to the
-//! socket (a non-blocking `write`), saving the wake-up of the session's task
-//! for the common case of a socket with room. Writes stay ordered because
-//! they only happen under the outbox's lock and only while no frame waits.
+//! socket (a non-blocking `send(2)`), saving the wake-up of the session's
+//! task for the common case of a socket with room. Writes stay ordered
+//! because they only happen under the outbox's lock and only while no frame
+//! waits.
+//!
+//! The direct write goes to the file descriptor, not through tokio's
+//! `try_write`: that first reads the socket's readiness word, a cache line of
+//! its own per connection that the reactor's thread also writes, and the hub
+//! touches one per member per event (docs/performance.md, run 13). Bypassing
+//! it is safe: a send that finds the socket full only queues the frame, and
+//! the writer's own `try_write` then learns the socket is full and waits for
+//! the kernel's next writable edge, which comes whoever filled the buffer.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -46,6 +55,12 @@ struct Held {
     key: Box<str>,
     due: Instant,
     frame: Bytes,
+}
+
+/// One non-blocking `send(2)` on the session's socket. `MSG_NOSIGNAL`: a
+/// peer gone away is an error to act on, never a SIGPIPE.
+fn send_now(socket: &tokio::net::TcpStream, frame: &[u8]) -> std::io::Result<usize> {
+    socket2::SockRef::from(socket).send_with_flags(frame, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
 }
 
 /// What the writer should do next.
@@ -93,6 +108,13 @@ impl Outbox {
 
     /// Queues a frame. Never blocks beyond a short uncontended lock.
     pub(crate) fn push(&self, frame: Bytes) -> Result<(), PushError> {
+        self.push_shared(&frame)
+    }
+
+    /// Like [`Outbox::push`] for a frame shared by many sessions: it is
+    /// cloned (a reference count on a cache line every member's push would
+    /// touch) only when it has to wait in the queue.
+    pub(crate) fn push_shared(&self, frame: &Bytes) -> Result<(), PushError> {
         let mut st = self.lock();
         if st.close.is_some() {
             return Err(PushError::Closed);
@@ -105,18 +127,23 @@ impl Outbox {
             self.ready.notify_one();
             return Err(PushError::Overflow);
         }
-        let mut frame = frame;
+        let mut written = 0;
         if st.frames.is_empty() && !st.writer_busy {
             if let Some(socket) = &st.socket {
-                match socket.try_write(&frame) {
+                match send_now(socket, frame) {
                     Ok(n) if n == frame.len() => return Ok(()),
                     // The rest waits for the writer, in order.
-                    Ok(n) => frame = frame.slice(n..),
+                    Ok(n) => written = n,
                     // Full, or failing: the writer finds out and acts.
                     Err(_) => {}
                 }
             }
         }
+        let frame = if written == 0 {
+            frame.clone()
+        } else {
+            frame.slice(written..)
+        };
         st.bytes += frame.len();
         st.frames.push_back(frame);
         let first = st.frames.len() == 1;
@@ -330,6 +357,105 @@ mod tests {
             .await
             .expect("woken again");
         assert!(matches!(o.take_ready(), Err(Some(_))));
+    }
+
+    /// Direct sends fill a real socket until one comes back short or full;
+    /// the rest queues, the writer (as a session's would: `try_write`, then
+    /// `writable()`) finishes it, and the peer reads every byte in order.
+    /// This also holds the claim of the module doc: a direct send that met a
+    /// full socket does not leave the writer waiting on stale readiness.
+    #[tokio::test]
+    async fn direct_sends_stay_in_order_across_a_full_socket() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (server, client) =
+            tokio::join!(listener.accept(), tokio::net::TcpStream::connect(addr));
+        let socket = std::sync::Arc::new(server.unwrap().0);
+        let mut client = client.unwrap();
+        let o = Outbox::new(100_000, 1 << 30);
+        o.attach_socket(socket.clone());
+
+        // Distinct frames, so a reordering or a lost slice shows in the bytes.
+        let frame = |i: u32| Bytes::from(format!("{i:08}").repeat(512));
+        let mut expected = Vec::new();
+        let mut i = 0;
+        let queued = loop {
+            assert!(i < 20_000, "the socket never filled ({i} frames)");
+            let f = frame(i);
+            expected.extend_from_slice(&f);
+            o.push_shared(&f).unwrap();
+            i += 1;
+            if let Ok(Next::Write(frames)) = o.take_ready() {
+                break frames;
+            }
+        };
+        // More frames behind the queued ones take the queue, not the socket.
+        for _ in 0..3 {
+            let f = frame(i);
+            expected.extend_from_slice(&f);
+            o.push(f).unwrap();
+            i += 1;
+        }
+
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 1 << 16];
+            loop {
+                let n = client.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    return got;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        });
+        let write_all = |frames: VecDeque<Bytes>| {
+            let socket = socket.clone();
+            async move {
+                for f in frames {
+                    let mut f = &f[..];
+                    while !f.is_empty() {
+                        match socket.try_write(f) {
+                            Ok(n) => f = &f[n..],
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                socket.writable().await.unwrap()
+                            }
+                            Err(e) => panic!("write failed: {e}"),
+                        }
+                    }
+                }
+            }
+        };
+        let deadline = Duration::from_secs(10);
+        tokio::time::timeout(deadline, write_all(queued))
+            .await
+            .expect("the writer was left waiting on a full socket");
+        match o.take_ready() {
+            Ok(Next::Write(frames)) => tokio::time::timeout(deadline, write_all(frames))
+                .await
+                .expect("second batch written"),
+            _ => panic!("the frames pushed behind the queue were not queued"),
+        }
+        o.writer_done();
+        // Idle again: this one goes straight to the socket.
+        let f = frame(i);
+        expected.extend_from_slice(&f);
+        o.push_shared(&f).unwrap();
+        assert!(o.take_ready().is_err(), "sent directly, nothing queued");
+
+        o.detach_socket();
+        std::sync::Arc::try_unwrap(socket)
+            .expect("no other handle to the socket")
+            .into_std()
+            .unwrap()
+            .shutdown(std::net::Shutdown::Write)
+            .unwrap();
+        let got = tokio::time::timeout(deadline, reader)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "bytes arrived out of order");
     }
 
     #[tokio::test]
