@@ -54,6 +54,12 @@ pub struct Row {
     /// CPU-seconds used in the window by processes outside this benchmark
     /// (the machine is shared: e.g. concurrent compiles). Non-zero means noise.
     pub other_cpu_s: f64,
+    /// Seconds from the end of the publishing to the last measured delivery
+    /// seen: how far behind the cluster ran when the publishers stopped.
+    pub drain_s: f64,
+    /// Seconds the CPU figures cover.
+    #[serde(skip)]
+    pub window_s: f64,
     pub note: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub per_node: Vec<NodeFigures>,
@@ -268,6 +274,56 @@ async fn connect(workers: &mut [Proc]) -> Result<(ConnectReport, u64)> {
     Ok((all, t0))
 }
 
+/// After the last publish, how long deliveries may pause before the ones
+/// still missing count as lost, and the longest the drain may take.
+const DRAIN_QUIET: Duration = Duration::from_millis(1500);
+const DRAIN_MAX: Duration = Duration::from_secs(60);
+
+/// Waits for the deliveries still on their way after the last publish: until
+/// the workers have all `expected`, or none arrived for [`DRAIN_QUIET`] (the
+/// rest are lost), or [`DRAIN_MAX`]. Returns the seconds until the last
+/// delivery seen, so a cluster that fell behind shows as late, not as lossy.
+async fn drain(workers: &mut [Proc], expected: u64) -> Result<f64> {
+    let t0 = Instant::now();
+    let mut last_change = t0;
+    let mut seen = u64::MAX;
+    loop {
+        let mut count = 0;
+        for w in workers.iter_mut() {
+            count += w.ask("count", PATIENCE).await?.trim().parse::<u64>()?;
+        }
+        let now = Instant::now();
+        if count != seen {
+            if seen != u64::MAX {
+                last_change = now;
+            }
+            seen = count;
+        }
+        if count >= expected || now - last_change >= DRAIN_QUIET || now - t0 >= DRAIN_MAX {
+            return Ok((last_change - t0).as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The row's note on a step that fell behind or lost deliveries.
+fn drain_note(row: &Row) -> Option<String> {
+    if row.delivered < row.expected {
+        Some(format!(
+            "LOST {} (none arrived for {:.1} s)",
+            row.expected - row.delivered,
+            DRAIN_QUIET.as_secs_f64()
+        ))
+    } else if row.drain_s >= 0.5 {
+        Some(format!(
+            "BEHIND: last delivery {:.1} s after the last publish",
+            row.drain_s
+        ))
+    } else {
+        None
+    }
+}
+
 async fn stats(workers: &mut [Proc]) -> Result<(WorkerStats, Histogram<u64>)> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut all = WorkerStats::default();
@@ -351,7 +407,7 @@ async fn step(
     let mut attempt = 1;
     loop {
         let mut row = step_once(c, name, deliveries_per_s, secs, warm_s, rng, seq).await?;
-        let share = row.other_cpu_s / ((secs + 1.5) * cores);
+        let share = row.other_cpu_s / (row.window_s * cores);
         if share <= 0.05 || attempt == 2 {
             if share > 0.05 {
                 row.note = format!(
@@ -401,8 +457,10 @@ async fn step_once(
     let per0: Vec<(f64, f64)> = node_pids.iter().map(|p| cpu_of(*p)).collect();
     let (n0, g0, r0) = (cpu_sum(&node_pids), cpu_sum(&gen_pids), cpu_of(redis_pid));
     let m0 = machine_jiffies();
+    let t0 = Instant::now();
     let rep = publish::run(&c.redis_addr, &sha, &sizes, pub_rate, secs, 1, rng, seq).await?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let drain_s = drain(&mut c.workers, rep.expected).await?;
+    let window_s = t0.elapsed().as_secs_f64();
     let per1: Vec<(f64, f64)> = node_pids.iter().map(|p| cpu_of(*p)).collect();
     let (n1, g1, r1) = (cpu_sum(&node_pids), cpu_sum(&gen_pids), cpu_of(redis_pid));
     let m1 = machine_jiffies();
@@ -421,9 +479,11 @@ async fn step_once(
         conns: c.layout.conns,
         rooms: c.layout.rooms,
         publishes_per_s: rep.published as f64 / rep.elapsed_s,
-        deliveries_per_s: ws.measured as f64 / rep.elapsed_s,
+        deliveries_per_s: ws.measured as f64 / (rep.elapsed_s + drain_s),
         delivered: ws.measured,
         expected: rep.expected,
+        drain_s,
+        window_s,
         node_user_s: n1.0 - n0.0,
         node_sys_s: n1.1 - n0.1,
         redis_cpu_s: (r1.0 - r0.0) + (r1.1 - r0.1),
@@ -449,8 +509,11 @@ async fn step_once(
         });
     }
     fill_latency(&mut row, &hist);
+    if let Some(n) = drain_note(&row) {
+        row.note = n;
+    }
     if let Some(e) = rep.first_error {
-        row.note = format!("publish error: {e}");
+        row.note = format!("publish error: {e}; {}", row.note);
     }
     Ok(row)
 }
@@ -641,7 +704,10 @@ impl FloorRig {
             serde_json::from_str(&fl.ask(&format!("run {rate} 1 {secs}"), PATIENCE).await?)?;
         let elapsed = t.elapsed().as_secs_f64();
         let f1 = cpu_of(fl.pid);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let expected = out["expected"].as_u64().unwrap_or(0);
+        let t_drain = Instant::now();
+        let drain_s = drain(workers, expected).await?;
+        let window = elapsed + t_drain.elapsed().as_secs_f64();
         let g1 = cpu_sum(&gen_pids);
         let m1 = machine_jiffies();
         let (busy, steal) = busy_pct(m0, m1);
@@ -655,9 +721,11 @@ impl FloorRig {
             conns: layout.conns,
             rooms: layout.rooms,
             publishes_per_s: out["published"].as_u64().unwrap_or(0) as f64 / elapsed,
-            deliveries_per_s: ws.measured as f64 / elapsed,
+            deliveries_per_s: ws.measured as f64 / (elapsed + drain_s),
             delivered: ws.measured,
-            expected: out["expected"].as_u64().unwrap_or(0),
+            expected,
+            drain_s,
+            window_s: window,
             node_user_s: f1.0 - f0.0,
             node_sys_s: f1.1 - f0.1,
             gen_cpu_s: (g1.0 - g0.0) + (g1.1 - g0.1),
@@ -676,14 +744,17 @@ impl FloorRig {
         let cores = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1) as f64;
-        if other / ((elapsed + 1.5) * cores) > 0.05 {
+        if other / (window * cores) > 0.05 {
             row.note = format!(
                 "NOISY: other processes used {:.0}% of the machine; {}",
-                100.0 * other / ((elapsed + 1.5) * cores),
+                100.0 * other / (window * cores),
                 row.note
             );
         }
         fill_latency(&mut row, &hist);
+        if let Some(n) = drain_note(&row) {
+            row.note = format!("{n}; {}", row.note);
+        }
         Ok(row)
     }
 }

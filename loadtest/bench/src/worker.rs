@@ -104,6 +104,7 @@ async fn run(spec: WorkerSpec) -> Result<()> {
                 };
                 println!("{}", serde_json::to_string(&s)?);
             }
+            "count" => println!("{}", stats().measured),
             "reset" => {
                 {
                     let mut s = stats();
