@@ -40,6 +40,8 @@ enum Cmd {
         listen: String,
         #[arg(long)]
         rooms: usize,
+        #[arg(long, value_enum, default_value = "write")]
+        io: floor::FloorIo,
     },
 }
 
@@ -106,6 +108,11 @@ pub struct Opts {
     /// nodes together get one thread per core, as on their own machines.
     #[arg(long, default_value_t = 0)]
     pub node_threads: usize,
+    /// floor and floor-sweep: how the probe writes (write: one write(2) per
+    /// socket; uring: one io_uring submission per event; uring-fixed: the
+    /// same on registered files).
+    #[arg(long, value_enum, default_value = "write")]
+    pub floor_io: floor::FloorIo,
     /// Keep the run directory (node and redis logs) after the run.
     #[arg(long)]
     pub keep: bool,
@@ -119,7 +126,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Worker { spec } => worker::main(serde_json::from_str(&spec)?),
-        Cmd::Floor { listen, rooms } => floor::main(listen, rooms),
+        Cmd::Floor { listen, rooms, io } => floor::main(listen, rooms, io),
         Cmd::Run(opts) => {
             common::raise_nofile();
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -636,6 +636,7 @@ struct FloorRig {
     probe: Proc,
     workers: Vec<Proc>,
     layout: Layout,
+    io: crate::floor::FloorIo,
 }
 
 impl FloorRig {
@@ -647,12 +648,18 @@ impl FloorRig {
             addr.clone(),
             "--rooms".into(),
             layout.rooms.to_string(),
+            "--io".into(),
+            clap::ValueEnum::to_possible_value(&env.opts.floor_io)
+                .expect("no skipped variants")
+                .get_name()
+                .to_string(),
         ];
         let probe = spawn("floor", &env.me, &args, &env.dir, true)?;
         let mut rig = FloorRig {
             probe,
             workers: vec![],
             layout,
+            io: env.opts.floor_io,
         };
         let res = async {
             let l = rig.probe.recv(Duration::from_secs(10)).await?;
@@ -735,7 +742,8 @@ impl FloorRig {
             machine_steal_pct: steal,
             other_cpu_s: other,
             note: format!(
-                "floor probe: one write(2) per frame per socket; short writes {}",
+                "floor probe: {}; short writes {}",
+                self.io.describe(),
                 out["short"]
             ),
             ..Row::default()
