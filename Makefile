@@ -62,6 +62,10 @@ bench-smoke: test-deps
 	cd loadtest/bench && $(CARGO) build
 	loadtest/bench/target/debug/roomcast-bench run idle connect-storm fanout floor broadcast sweep \
 		floor-sweep --server-bin target/debug/roomcast $(SMOKE_ARGS)
+	@if [ "$$(cat /proc/sys/kernel/io_uring_disabled 2>/dev/null || echo 0)" = 0 ]; then \
+		loadtest/bench/target/debug/roomcast-bench run floor --floor-io uring-fixed \
+			--server-bin target/debug/roomcast $(SMOKE_ARGS); \
+	else echo "io_uring disabled on this kernel: skipping the floor probe's io_uring smoke"; fi
 
 ## The standard set (idle, connect-storm, fanout + floor, broadcast, rate sweeps of the nodes
 ## and of the floor probe), a few minutes.
