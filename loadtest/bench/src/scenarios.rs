@@ -285,25 +285,29 @@ const DRAIN_MAX: Duration = Duration::from_secs(60);
 /// delivery seen, so a cluster that fell behind shows as late, not as lossy.
 async fn drain(workers: &mut [Proc], expected: u64) -> Result<f64> {
     let t0 = Instant::now();
+    let mut seen = measured_count(workers).await?;
     let mut last_change = t0;
-    let mut seen = u64::MAX;
     loop {
-        let mut count = 0;
-        for w in workers.iter_mut() {
-            count += w.ask("count", PATIENCE).await?.trim().parse::<u64>()?;
-        }
         let now = Instant::now();
-        if count != seen {
-            if seen != u64::MAX {
-                last_change = now;
-            }
-            seen = count;
-        }
-        if count >= expected || now - last_change >= DRAIN_QUIET || now - t0 >= DRAIN_MAX {
+        if seen >= expected || now - last_change >= DRAIN_QUIET || now - t0 >= DRAIN_MAX {
             return Ok((last_change - t0).as_secs_f64());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+        let count = measured_count(workers).await?;
+        if count != seen {
+            seen = count;
+            last_change = Instant::now();
+        }
     }
+}
+
+/// Measured deliveries the workers have received so far.
+async fn measured_count(workers: &mut [Proc]) -> Result<u64> {
+    let mut count = 0;
+    for w in workers.iter_mut() {
+        count += w.ask("count", PATIENCE).await?.trim().parse::<u64>()?;
+    }
+    Ok(count)
 }
 
 /// The row's note on a step that fell behind or lost deliveries.
