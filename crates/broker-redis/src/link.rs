@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::config::ConfigError;
 use crate::resp::{self, Frame};
-use crate::subscriber::{LinkEvent, Msg, Shared};
+use crate::subscriber::{Batch, LinkEvent, Msg, Shared};
 
 /// Where a node is and how to log in to it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -106,12 +106,22 @@ pub(crate) async fn read_loop(
     events: mpsc::UnboundedSender<Msg>,
     idle: Duration,
 ) {
+    // Messages already read are delivered together, so the hub can send a
+    // member several frames of one room in one write; they are handed over
+    // before anything else happens and before the reader could wait.
+    let mut batch = Batch::with_capacity(MAX_BATCH);
     let reason = loop {
+        if batch.len() >= MAX_BATCH || !resp::holds_frame(reader.buffer()) {
+            shared.deliver(&mut batch);
+        }
         let frame = match tokio::time::timeout(idle, resp::read_frame(&mut reader)).await {
             Ok(Ok(frame)) => frame,
             Ok(Err(e)) => break e.to_string(),
             Err(_) => break format!("no reply for {idle:?}"),
         };
+        if !matches!(&frame, Frame::Array(Some(items)) if is_message(items)) {
+            shared.deliver(&mut batch);
+        }
         match frame {
             Frame::Array(Some(items)) => {
                 let kind = items.first().and_then(Frame::as_bytes).unwrap_or(b"");
@@ -122,7 +132,7 @@ pub(crate) async fn read_loop(
                             Some(Frame::Bulk(Some(b))) => b.clone(),
                             _ => Bytes::new(),
                         };
-                        shared.receive(ch, &payload);
+                        shared.receive(ch, &payload, &mut batch);
                     }
                     (b"subscribe" | b"ssubscribe", Some(ch)) => {
                         let _ = events.send(Msg::Link(LinkEvent::Subscribed {
@@ -145,5 +155,17 @@ pub(crate) async fn read_loop(
             _ => {}
         }
     };
+    shared.deliver(&mut batch);
     let _ = events.send(Msg::Link(LinkEvent::Closed { conn_id, reason }));
+}
+
+/// Most events delivered as one batch: bounds how long the first waits for
+/// the fan-out of the others.
+const MAX_BATCH: usize = 64;
+
+fn is_message(items: &[Frame]) -> bool {
+    matches!(
+        items.first().and_then(Frame::as_bytes),
+        Some(b"message" | b"smessage")
+    )
 }

@@ -77,6 +77,37 @@ fn parse_int(s: &[u8]) -> io::Result<i64> {
         .ok_or_else(|| bad("integer"))
 }
 
+/// Whether `buf` starts with a whole reply, so [`read_frame`] on a reader
+/// whose buffer holds `buf` returns without waiting for the socket.
+pub(crate) fn holds_frame(buf: &[u8]) -> bool {
+    frame_end(buf, 0).is_some()
+}
+
+/// Where the reply starting at `at` ends, if `buf` holds all of it.
+fn frame_end(buf: &[u8], at: usize) -> Option<usize> {
+    let rest = buf.get(at..)?;
+    let line = rest.windows(2).position(|w| w == b"\r\n")?;
+    let after = at + line + 2;
+    let len = || -> Option<i64> { std::str::from_utf8(&rest[1..line]).ok()?.parse().ok() };
+    match *rest.first()? {
+        b'$' => match usize::try_from(len()?) {
+            Err(_) => Some(after), // a null bulk
+            Ok(n) => {
+                let end = after.checked_add(n)?.checked_add(2)?;
+                (end <= buf.len()).then_some(end)
+            }
+        },
+        b'*' => {
+            let mut end = after;
+            for _ in 0..len()?.max(0) {
+                end = frame_end(buf, end)?;
+            }
+            Some(end)
+        }
+        _ => Some(after),
+    }
+}
+
 /// Reads one reply.
 pub(crate) fn read_frame<'a, R>(
     r: &'a mut R,
@@ -131,6 +162,25 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holds_frame_only_when_the_whole_reply_is_buffered() {
+        let message = b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$5\r\nhello\r\n";
+        assert!(holds_frame(message));
+        for cut in 0..message.len() {
+            assert!(!holds_frame(&message[..cut]), "cut at {cut}");
+        }
+        let mut two = message.to_vec();
+        two.extend_from_slice(b"*3\r\n$7\r\nmessage");
+        assert!(
+            holds_frame(&two),
+            "a whole reply followed by part of the next"
+        );
+        assert!(holds_frame(b"+PONG\r\n"));
+        assert!(holds_frame(b"$-1\r\n"));
+        assert!(holds_frame(b"*-1\r\n"));
+        assert!(!holds_frame(b"$99999999999999999999999\r\n"), "no overflow");
+    }
 
     #[tokio::test]
     async fn reads_pubsub_replies() {

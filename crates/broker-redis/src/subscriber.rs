@@ -100,9 +100,10 @@ impl Shared {
             .contains_key(channel)
     }
 
-    /// One message on `channel`: decode it and hand it to the sink.
-    /// Runs on a reader task; never blocks beyond the sink's `deliver`.
-    pub(crate) fn receive(&self, channel: &[u8], payload: &[u8]) {
+    /// One message on `channel`: decode it and add it to `batch`, which the
+    /// reader hands to the sink with [`Shared::deliver`] before it waits for
+    /// more bytes.
+    pub(crate) fn receive(&self, channel: &[u8], payload: &[u8], batch: &mut Batch) {
         let room = {
             let rooms = self.rooms.read().unwrap_or_else(|p| p.into_inner());
             match rooms.get(channel) {
@@ -111,11 +112,23 @@ impl Shared {
             }
         };
         match decode_message(payload, &room) {
-            Some(event) => self.sink.deliver(&room, Arc::new(event)),
+            Some(event) => batch.push((room, Arc::new(event))),
             None => count_decode_error(&room, "channel message"),
         }
     }
+
+    /// Hands what `batch` holds to the sink and empties it. Runs on a reader
+    /// task; never blocks beyond the sink's `deliver_batch`.
+    pub(crate) fn deliver(&self, batch: &mut Batch) {
+        if !batch.is_empty() {
+            self.sink.deliver_batch(batch);
+            batch.clear();
+        }
+    }
 }
+
+/// Events one reader decoded from what it has read so far, in order.
+pub(crate) type Batch = Vec<(RoomKey, Arc<Event>)>;
 
 /// Decodes `<id>\n<envelope>` received on `room`'s channel. The envelope's
 /// tenant (when it names one) must be the room's.

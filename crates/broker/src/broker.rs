@@ -39,6 +39,16 @@ pub trait EventSink: Send + Sync + 'static {
     /// await a client: the hub only enqueues.
     fn deliver(&self, room: &RoomKey, event: Arc<Event>);
 
+    /// Events the broker received together, in order (what one read of its
+    /// connection held). A sink may hold an event's frames for a member
+    /// until a later event of the same room in this batch, so both leave
+    /// in one write; it must not hold anything past the call.
+    fn deliver_batch(&self, events: &[(RoomKey, Arc<Event>)]) {
+        for (room, event) in events {
+            self.deliver(room, event.clone());
+        }
+    }
+
     /// The broker's connection was lost and is back, with every room
     /// resubscribed: events published in between may be missing live.
     fn resynced(&self) {}

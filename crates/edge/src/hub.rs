@@ -7,6 +7,13 @@
 //! after `unsubscribe_delay`, so join/leave churn does not thrash the broker.
 //! Fan-out renders each event once per renderer and pushes the same `Bytes`
 //! into every member's outbound queue; it never awaits a socket.
+//!
+//! Events the broker read together arrive as one batch. An event whose room
+//! gets another one later in the batch is deferred in each member's outbox,
+//! so that member's frames of the batch leave in one write (see
+//! `outbox.rs`); an event alone in its batch goes out at once, so batching
+//! never adds a wait: it only happens to events that were already queued
+//! behind each other.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -66,6 +73,7 @@ pub enum Joined {
 struct HubMetrics {
     events_in: Counter,
     deliveries: Counter,
+    deliveries_deferred: Counter,
     slow_consumer_drops: Counter,
     latency: Histogram,
     rooms: Gauge,
@@ -112,6 +120,7 @@ impl Hub {
             metrics: HubMetrics {
                 events_in: metrics::counter!("roomcast_events_in_total"),
                 deliveries: metrics::counter!("roomcast_deliveries_total"),
+                deliveries_deferred: metrics::counter!("roomcast_deliveries_deferred_total"),
                 slow_consumer_drops: metrics::counter!("roomcast_drops_total", "reason" => "slow_consumer"),
                 latency: metrics::histogram!("roomcast_publish_to_deliver_seconds"),
                 rooms: metrics::gauge!("roomcast_rooms"),
@@ -404,7 +413,10 @@ impl Hub {
             .map_or(0, |r| r.members.len())
     }
 
-    fn fan_out(&self, key: &RoomKey, event: &Arc<Event>) {
+    /// Delivers one event to a room's members; with `deferred`, it is held
+    /// in their outboxes for a later write, and each session whose outbox
+    /// must then be flushed is added to `deferred`.
+    fn fan_out(&self, key: &RoomKey, event: &Arc<Event>, deferred: Option<&mut Vec<Arc<Session>>>) {
         let mut shard = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
         let Some(room) = shard.get_mut(key) else {
             return;
@@ -413,11 +425,31 @@ impl Hub {
             waiting.push(event.clone());
             return;
         }
-        self.fan_out_locked(key, room, event);
+        self.fan_out_locked(key, room, event, deferred);
+    }
+
+    fn record_arrival(&self, event: &Event) {
+        self.metrics.events_in.increment(1);
+        let now = now_ms();
+        if event.ts > 0 {
+            let lag_ms = now.saturating_sub(event.ts);
+            self.metrics.latency.record(lag_ms as f64 / 1000.0);
+        }
+        // The broker's own clock (the stream id's ms), not the publisher's ts,
+        // says how far behind fan-out runs.
+        if event.id != EventId::ZERO {
+            self.lag.record(now, now.saturating_sub(event.id.ms));
+        }
     }
 
     /// Delivers to a room whose shard lock the caller holds.
-    fn fan_out_locked(&self, key: &RoomKey, room: &mut Room, event: &Event) {
+    fn fan_out_locked(
+        &self,
+        key: &RoomKey,
+        room: &mut Room,
+        event: &Event,
+        mut deferred: Option<&mut Vec<Arc<Session>>>,
+    ) {
         if event.id != EventId::ZERO {
             if event.id <= room.last_id {
                 // Already delivered (a history refill or an overlapping subscription).
@@ -456,9 +488,14 @@ impl Hub {
             if session.hold_if_replaying(&key.room, event.id, frame) {
                 continue;
             }
-            let pushed = match &r.coalesce {
-                None => session.outbox.push_shared(frame),
-                Some((k, window)) => session.outbox.push_coalesced(k, frame.clone(), *window),
+            let pushed = match (&r.coalesce, deferred.as_deref_mut()) {
+                (None, None) => session.outbox.push_shared(frame),
+                (None, Some(flush)) => session.outbox.push_deferred(frame).map(|first| {
+                    if first {
+                        flush.push(session.clone());
+                    }
+                }),
+                (Some((k, window)), _) => session.outbox.push_coalesced(k, frame.clone(), *window),
             };
             match pushed {
                 Ok(()) => delivered += 1,
@@ -470,6 +507,9 @@ impl Hub {
             }
         }
         self.metrics.deliveries.increment(delivered);
+        if deferred.is_some() {
+            self.metrics.deliveries_deferred.increment(delivered);
+        }
         if slow > 0 {
             self.metrics.slow_consumer_drops.increment(slow);
         }
@@ -478,18 +518,30 @@ impl Hub {
 
 impl EventSink for Hub {
     fn deliver(&self, room: &RoomKey, event: Arc<Event>) {
-        self.metrics.events_in.increment(1);
-        let now = now_ms();
-        if event.ts > 0 {
-            let lag_ms = now.saturating_sub(event.ts);
-            self.metrics.latency.record(lag_ms as f64 / 1000.0);
+        self.record_arrival(&event);
+        self.fan_out(room, &event, None);
+    }
+
+    fn deliver_batch(&self, events: &[(RoomKey, Arc<Event>)]) {
+        if let [(room, event)] = events {
+            return self.deliver(room, event.clone());
         }
-        // The broker's own clock (the stream id's ms), not the publisher's ts,
-        // says how far behind fan-out runs.
-        if event.id != EventId::ZERO {
-            self.lag.record(now, now.saturating_sub(event.id.ms));
+        // Which events have a later one in the same room: only those wait.
+        let mut rooms = std::collections::HashSet::with_capacity(events.len());
+        let mut more_follow = vec![false; events.len()];
+        for (i, (room, _)) in events.iter().enumerate().rev() {
+            more_follow[i] = !rooms.insert(room);
         }
-        self.fan_out(room, &event);
+        let mut to_flush = Vec::new();
+        for ((room, event), more) in events.iter().zip(more_follow) {
+            self.record_arrival(event);
+            self.fan_out(room, event, more.then_some(&mut to_flush));
+        }
+        // Most were sent with their room's last event of the batch; these
+        // are for members that event skipped, or that left the room meanwhile.
+        for session in to_flush {
+            session.outbox.flush_deferred();
+        }
     }
 
     fn resynced(&self) {
@@ -618,7 +670,7 @@ impl Hub {
         match history {
             Ok((events, _)) => {
                 for event in &events {
-                    self.fan_out_locked(key, room, event);
+                    self.fan_out_locked(key, room, event, None);
                 }
             }
             Err(e) => {
@@ -626,7 +678,7 @@ impl Hub {
             }
         }
         for event in &waiting {
-            self.fan_out_locked(key, room, event);
+            self.fan_out_locked(key, room, event, None);
         }
     }
 

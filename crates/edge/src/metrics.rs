@@ -101,6 +101,10 @@ fn describe() {
         "Event frames queued to sessions."
     );
     describe_counter!(
+        "roomcast_deliveries_deferred_total",
+        "Deliveries held to share one socket write with a later frame of the same room read in the same broker batch."
+    );
+    describe_counter!(
         "roomcast_drops_total",
         "Frames or sessions dropped, by reason."
     );

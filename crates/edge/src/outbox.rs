@@ -17,6 +17,15 @@
 //! it is safe: a send that finds the socket full only queues the frame, and
 //! the writer's own `try_write` then learns the socket is full and waits for
 //! the kernel's next writable edge, which comes whoever filled the buffer.
+//!
+//! When the hub fans out several events read together and a later one goes
+//! to the same room, it defers the earlier frames ([`Outbox::push_deferred`]):
+//! they wait in the queue without waking the writer, and the next push or
+//! [`Outbox::flush_deferred`] sends them all in one vectored `send(2)`. On
+//! loopback and on a NIC alike a send's cost is mostly per call, not per byte,
+//! so a burst into one room costs one send per member instead of one per
+//! frame (docs/performance.md, run 17). Order holds because every frame still
+//! passes through the one queue.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -47,6 +56,9 @@ struct State {
     held: Vec<Held>,
     /// The writer took frames and has not finished writing them.
     writer_busy: bool,
+    /// `frames` were deferred by the hub for one direct write with a later
+    /// frame: the writer was not woken for them.
+    deferred: bool,
     /// The session's socket, for direct writes (WebSocket sessions only).
     socket: Option<std::sync::Arc<tokio::net::TcpStream>>,
 }
@@ -61,6 +73,39 @@ struct Held {
 /// peer gone away is an error to act on, never a SIGPIPE.
 fn send_now(socket: &tokio::net::TcpStream, frame: &[u8]) -> std::io::Result<usize> {
     socket2::SockRef::from(socket).send_with_flags(frame, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+}
+
+/// Most frames one vectored send carries (far below any `IOV_MAX`).
+const MAX_IOV: usize = 64;
+
+/// Sends as much of `frames` as the socket takes now, in one vectored
+/// `send(2)`, and drops what went out from the queue.
+fn send_queued(socket: &tokio::net::TcpStream, frames: &mut VecDeque<Bytes>, bytes: &mut usize) {
+    let mut iov = [std::io::IoSlice::new(&[]); MAX_IOV];
+    let mut count = 0;
+    for (slot, frame) in iov.iter_mut().zip(frames.iter()) {
+        *slot = std::io::IoSlice::new(frame);
+        count += 1;
+    }
+    let Ok(mut sent) = socket2::SockRef::from(socket)
+        .send_vectored_with_flags(&iov[..count], libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+    else {
+        // Full, or failing: the writer finds out and acts.
+        return;
+    };
+    *bytes -= sent;
+    while sent > 0 {
+        let Some(front) = frames.front_mut() else {
+            break;
+        };
+        if front.len() <= sent {
+            sent -= front.len();
+            frames.pop_front();
+        } else {
+            bytes::Buf::advance(front, sent);
+            sent = 0;
+        }
+    }
 }
 
 /// What the writer should do next.
@@ -94,7 +139,12 @@ impl Outbox {
 
     /// Stops direct writes and releases the socket (the session is ending).
     pub(crate) fn detach_socket(&self) {
-        self.lock().socket = None;
+        let mut st = self.lock();
+        st.socket = None;
+        if std::mem::take(&mut st.deferred) {
+            drop(st);
+            self.ready.notify_one();
+        }
     }
 
     /// The writer wrote everything it took: direct writes may resume.
@@ -116,26 +166,25 @@ impl Outbox {
     /// touch) only when it has to wait in the queue.
     pub(crate) fn push_shared(&self, frame: &Bytes) -> Result<(), PushError> {
         let mut st = self.lock();
-        if st.close.is_some() {
-            return Err(PushError::Closed);
-        }
-        if st.frames.len() >= self.max_frames || st.bytes + frame.len() > self.max_bytes {
-            st.frames = VecDeque::new();
-            st.bytes = 0;
-            st.close = Some(Disconnect::SLOW_CONSUMER);
-            drop(st);
-            self.ready.notify_one();
-            return Err(PushError::Overflow);
-        }
+        self.admit(&mut st, frame)?;
         let mut written = 0;
-        if st.frames.is_empty() && !st.writer_busy {
-            if let Some(socket) = &st.socket {
-                match send_now(socket, frame) {
-                    Ok(n) if n == frame.len() => return Ok(()),
-                    // The rest waits for the writer, in order.
-                    Ok(n) => written = n,
-                    // Full, or failing: the writer finds out and acts.
-                    Err(_) => {}
+        if !st.writer_busy {
+            if st.deferred {
+                // The frames deferred for this one go out with it.
+                st.deferred = false;
+                st.bytes += frame.len();
+                st.frames.push_back(frame.clone());
+                return self.send_deferred(st);
+            }
+            if st.frames.is_empty() {
+                if let Some(socket) = &st.socket {
+                    match send_now(socket, frame) {
+                        Ok(n) if n == frame.len() => return Ok(()),
+                        // The rest waits for the writer, in order.
+                        Ok(n) => written = n,
+                        // Full, or failing: the writer finds out and acts.
+                        Err(_) => {}
+                    }
                 }
             }
         }
@@ -150,6 +199,80 @@ impl Outbox {
         drop(st);
         if first {
             self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Queues a frame the hub will send together with a later one: while the
+    /// session could take a direct write, the writer is not woken for it,
+    /// and the next [`Outbox::push_shared`] or [`Outbox::flush_deferred`]
+    /// sends everything queued in one vectored write. Returns whether the
+    /// caller must call `flush_deferred` (the first frame deferred here).
+    pub(crate) fn push_deferred(&self, frame: &Bytes) -> Result<bool, PushError> {
+        let mut st = self.lock();
+        self.admit(&mut st, frame)?;
+        let direct =
+            st.socket.is_some() && !st.writer_busy && (st.frames.is_empty() || st.deferred);
+        st.bytes += frame.len();
+        st.frames.push_back(frame.clone());
+        if direct {
+            let first = !st.deferred;
+            st.deferred = true;
+            return Ok(first);
+        }
+        let first = st.frames.len() == 1;
+        drop(st);
+        if first {
+            self.ready.notify_one();
+        }
+        Ok(false)
+    }
+
+    /// Sends the frames [`Outbox::push_deferred`] held, if a later push has
+    /// not already; what the socket does not take goes to the writer.
+    pub(crate) fn flush_deferred(&self) {
+        let mut st = self.lock();
+        if !st.deferred {
+            return;
+        }
+        st.deferred = false;
+        let _ = self.send_deferred(st);
+    }
+
+    /// Writes the queue straight to the socket (the caller cleared
+    /// `deferred` under the same lock), then wakes the writer for the rest.
+    fn send_deferred(&self, mut st: std::sync::MutexGuard<'_, State>) -> Result<(), PushError> {
+        let State {
+            frames,
+            bytes,
+            socket,
+            writer_busy,
+            ..
+        } = &mut *st;
+        if let (Some(socket), false) = (socket.as_deref(), *writer_busy) {
+            send_queued(socket, frames, bytes);
+        }
+        let waiting = !st.frames.is_empty();
+        drop(st);
+        if waiting {
+            self.ready.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Refuses a frame for a closing session, and cuts the session off when
+    /// the frame would overflow its queue.
+    fn admit(&self, st: &mut State, frame: &Bytes) -> Result<(), PushError> {
+        if st.close.is_some() {
+            return Err(PushError::Closed);
+        }
+        if st.frames.len() >= self.max_frames || st.bytes + frame.len() > self.max_bytes {
+            st.frames = VecDeque::new();
+            st.bytes = 0;
+            st.deferred = false;
+            st.close = Some(Disconnect::SLOW_CONSUMER);
+            self.ready.notify_one();
+            return Err(PushError::Overflow);
         }
         Ok(())
     }
@@ -180,6 +303,7 @@ impl Outbox {
             st.frames = VecDeque::new();
             st.held = Vec::new();
             st.bytes = 0;
+            st.deferred = false;
             st.close = Some(Disconnect::SLOW_CONSUMER);
             drop(st);
             self.ready.notify_one();
@@ -206,6 +330,8 @@ impl Outbox {
                 st.frames = VecDeque::new();
                 st.bytes = 0;
             }
+            // The writer takes over whatever is queued.
+            st.deferred = false;
             st.close = Some(disconnect);
         }
         drop(st);
@@ -220,6 +346,7 @@ impl Outbox {
             let frames = std::mem::take(&mut st.frames);
             st.bytes = 0;
             st.writer_busy = true;
+            st.deferred = false;
             return Ok(Next::Close(frames, disconnect));
         }
         let now = Instant::now();
@@ -235,6 +362,7 @@ impl Outbox {
         if !st.frames.is_empty() {
             st.bytes = 0;
             st.writer_busy = true;
+            st.deferred = false;
             // take() leaves an empty deque that has not allocated, so an
             // idle session holds no queue buffer.
             let frames = std::mem::take(&mut st.frames);
@@ -279,6 +407,8 @@ impl Outbox {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future as _;
+
     use super::*;
 
     #[tokio::test]
@@ -456,6 +586,118 @@ mod tests {
             .unwrap();
         assert_eq!(got.len(), expected.len());
         assert!(got == expected, "bytes arrived out of order");
+    }
+
+    /// A connected loopback pair: the outbox writes to `.0`, the test reads
+    /// `.1`, a non-blocking std socket (tokio's `try_read` would answer from
+    /// its cached readiness, not from the kernel).
+    async fn socket_pair() -> (std::sync::Arc<tokio::net::TcpStream>, std::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (server, client) =
+            tokio::join!(listener.accept(), tokio::net::TcpStream::connect(addr));
+        let peer = client.unwrap().into_std().unwrap();
+        peer.set_nonblocking(true).unwrap();
+        (std::sync::Arc::new(server.unwrap().0), peer)
+    }
+
+    /// What the peer can read now without waiting. On loopback a `send(2)`
+    /// has put its bytes in the peer's receive queue by the time it returns.
+    fn readable_now(mut peer: &std::net::TcpStream) -> Vec<u8> {
+        use std::io::Read as _;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match peer.read(&mut buf) {
+                Ok(0) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return got,
+                Err(e) => panic!("read failed: {e}"),
+            }
+        }
+    }
+
+    /// Whether the writer has been woken (a stored wake-up resolves at once).
+    fn writer_woken(o: &Outbox) -> bool {
+        let mut changed = std::pin::pin!(o.changed());
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        changed.as_mut().poll(&mut cx).is_ready()
+    }
+
+    #[tokio::test]
+    async fn deferred_frames_leave_with_the_next_push_in_one_write() {
+        let (socket, peer) = socket_pair().await;
+        let o = Outbox::new(100, 1 << 20);
+        o.attach_socket(socket);
+
+        assert_eq!(o.push_deferred(&Bytes::from_static(b"a")), Ok(true));
+        assert_eq!(
+            o.push_deferred(&Bytes::from_static(b"b")),
+            Ok(false),
+            "one flush covers every deferred frame"
+        );
+        assert!(readable_now(&peer).is_empty(), "deferred frames wait");
+        assert!(!writer_woken(&o), "the writer is not woken for them");
+
+        o.push_shared(&Bytes::from_static(b"c")).unwrap();
+        assert_eq!(
+            readable_now(&peer),
+            b"abc",
+            "sent with the next push, in order"
+        );
+        assert!(o.take_ready().is_err(), "nothing left queued");
+        o.flush_deferred();
+        assert!(
+            readable_now(&peer).is_empty(),
+            "a flush after that sends nothing"
+        );
+
+        // Deferred frames whose room sent nothing more go out on the flush.
+        o.push_deferred(&Bytes::from_static(b"d")).unwrap();
+        o.push_deferred(&Bytes::from_static(b"e")).unwrap();
+        o.flush_deferred();
+        assert_eq!(readable_now(&peer), b"de");
+        assert!(o.take_ready().is_err());
+        assert!(!writer_woken(&o));
+    }
+
+    #[tokio::test]
+    async fn deferring_while_the_writer_is_busy_queues_for_the_writer() {
+        let (socket, peer) = socket_pair().await;
+        let o = Outbox::new(100, 1 << 20);
+        o.attach_socket(socket);
+        o.push_deferred(&Bytes::from_static(b"1")).unwrap();
+        // The writer takes the deferred frame (woken by something else)...
+        assert!(matches!(o.take_ready(), Ok(Next::Write(f)) if f.len() == 1));
+        // ...so later frames are its to write, not a flush's.
+        assert_eq!(o.push_deferred(&Bytes::from_static(b"2")), Ok(false));
+        assert!(writer_woken(&o), "the busy writer is told there is more");
+        o.flush_deferred();
+        assert!(
+            readable_now(&peer).is_empty(),
+            "no write behind the writer's back"
+        );
+        o.writer_done();
+        assert!(matches!(o.take_ready(), Ok(Next::Write(f)) if f == [Bytes::from_static(b"2")]));
+    }
+
+    #[tokio::test]
+    async fn deferred_frames_without_a_socket_go_to_the_writer() {
+        let o = Outbox::new(100, 1 << 20);
+        assert_eq!(o.push_deferred(&Bytes::from_static(b"x")), Ok(false));
+        assert!(writer_woken(&o));
+        assert!(matches!(o.take_ready(), Ok(Next::Write(f)) if f.len() == 1));
+    }
+
+    #[tokio::test]
+    async fn a_session_detached_with_deferred_frames_wakes_its_writer() {
+        let (socket, _peer) = socket_pair().await;
+        let o = Outbox::new(100, 1 << 20);
+        o.attach_socket(socket);
+        o.push_deferred(&Bytes::from_static(b"x")).unwrap();
+        o.detach_socket();
+        assert!(writer_woken(&o));
+        assert!(matches!(o.take_ready(), Ok(Next::Write(f)) if f.len() == 1));
     }
 
     #[tokio::test]
