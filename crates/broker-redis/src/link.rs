@@ -73,7 +73,7 @@ pub(crate) async fn connect(ep: &Endpoint, timeout: Duration) -> io::Result<Conn
         let stream = TcpStream::connect((ep.host.as_str(), ep.port)).await?;
         stream.set_nodelay(true)?;
         let (r, mut writer) = stream.into_split();
-        let mut reader = BufReader::new(r);
+        let mut reader = BufReader::with_capacity(READ_BUFFER, r);
         if let Some(pass) = &ep.password {
             let cmd = match &ep.username {
                 Some(user) => resp::encode(&["AUTH", user, pass]),
@@ -159,9 +159,13 @@ pub(crate) async fn read_loop(
     let _ = events.send(Msg::Link(LinkEvent::Closed { conn_id, reason }));
 }
 
+/// A subscriber connection's read buffer: what one read can take in, and so
+/// how many messages a node that fell behind can batch (~250 per 64 KiB).
+const READ_BUFFER: usize = 64 * 1024;
+
 /// Most events delivered as one batch: bounds how long the first waits for
 /// the fan-out of the others.
-const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 256;
 
 fn is_message(items: &[Frame]) -> bool {
     matches!(

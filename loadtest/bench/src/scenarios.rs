@@ -60,6 +60,11 @@ pub struct Row {
     /// Seconds the CPU figures cover.
     #[serde(skip)]
     pub window_s: f64,
+    /// Percent of the nodes' deliveries in the window that left in one write
+    /// with a later frame of their room (`roomcast_deliveries_deferred_total`
+    /// over `roomcast_deliveries_total`); absent for a server without them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_write_pct: Option<f64>,
     pub note: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub per_node: Vec<NodeFigures>,
@@ -157,6 +162,39 @@ async fn ready(addr: &str) -> bool {
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut buf)).await;
     buf.starts_with(b"HTTP/1.1 200")
+}
+
+/// One counter from a node's `/metrics`, if the node exports it.
+async fn counter_of(addr: &str, series: &str) -> Option<f64> {
+    let mut s = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    String::from_utf8_lossy(&buf).lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// `(deliveries, deferred deliveries)` summed over the nodes, if they all
+/// export both counters.
+async fn delivery_counters(nodes: &[(Proc, String)]) -> Option<(f64, f64)> {
+    let mut sum = (0.0, 0.0);
+    for (_, addr) in nodes {
+        sum.0 += counter_of(addr, "roomcast_deliveries_total").await?;
+        sum.1 += counter_of(addr, "roomcast_deliveries_deferred_total").await?;
+    }
+    Some(sum)
 }
 
 async fn start_nodes(env: &Env, n: usize, redis_addr: &str) -> Result<Vec<(Proc, String)>> {
@@ -460,11 +498,13 @@ async fn step_once(
     let redis_pid = c.redis.as_ref().map(|r| r.pid).unwrap_or(0);
     let per0: Vec<(f64, f64)> = node_pids.iter().map(|p| cpu_of(*p)).collect();
     let (n0, g0, r0) = (cpu_sum(&node_pids), cpu_sum(&gen_pids), cpu_of(redis_pid));
+    let d0 = delivery_counters(&c.nodes).await;
     let m0 = machine_jiffies();
     let t0 = Instant::now();
     let rep = publish::run(&c.redis_addr, &sha, &sizes, pub_rate, secs, 1, rng, seq).await?;
     let drain_s = drain(&mut c.workers, rep.expected).await?;
     let window_s = t0.elapsed().as_secs_f64();
+    let d1 = delivery_counters(&c.nodes).await;
     let per1: Vec<(f64, f64)> = node_pids.iter().map(|p| cpu_of(*p)).collect();
     let (n1, g1, r1) = (cpu_sum(&node_pids), cpu_sum(&gen_pids), cpu_of(redis_pid));
     let m1 = machine_jiffies();
@@ -515,6 +555,11 @@ async fn step_once(
     fill_latency(&mut row, &hist);
     if let Some(n) = drain_note(&row) {
         row.note = n;
+    }
+    if let (Some(a), Some(b)) = (d0, d1) {
+        let pct = 100.0 * (b.1 - a.1) / (b.0 - a.0).max(1.0);
+        row.shared_write_pct = Some(pct);
+        row.note = format!("{pct:.0}% in shared writes; {}", row.note);
     }
     if let Some(e) = rep.first_error {
         row.note = format!("publish error: {e}; {}", row.note);
