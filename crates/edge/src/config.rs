@@ -75,6 +75,10 @@ impl Default for Config {
 pub struct Limits {
     /// Sessions per node; past it upgrades get HTTP 503 before the socket opens.
     pub max_connections: usize,
+    /// Connections the kernel may hold for the listener before it accepts
+    /// them (capped by `net.core.somaxconn`). A reconnect storm overflowing
+    /// it costs clients SYN retransmits of seconds each.
+    pub listen_backlog: u32,
     /// Largest inbound message; bigger ones close the socket with 1009.
     pub max_message_bytes: usize,
     /// Rooms one session may hold at once (SUBSCRIPTION_LIMIT past it).
@@ -105,6 +109,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 20_000,
+            listen_backlog: 4096,
             max_message_bytes: 64 * 1024,
             max_rooms_per_session: 200,
             rate_messages: 100,
@@ -365,6 +370,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let err = |m: &str| Err(ConfigError(m.to_owned()));
         let l = &self.limits;
+        if l.listen_backlog == 0 {
+            return err("limits.listen_backlog must be at least 1");
+        }
         if l.max_connections == 0 {
             return err("limits.max_connections must be at least 1");
         }
@@ -448,5 +456,13 @@ mod tests {
         assert!(c.validate().is_err());
         c.auth.jwt_secret = Some("s3cret".into());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_zero_listen_backlog_is_refused() {
+        let mut c: Config = toml::from_str("[limits]\nlisten_backlog = 0").unwrap();
+        c.auth.jwt_secret = Some("s3cret".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("limits.listen_backlog"), "{e}");
     }
 }

@@ -29,8 +29,7 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
         config.listen = "127.0.0.1:8080".parse().expect("static address");
     }
     config.validate()?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = listen(config.listen, config.limits.listen_backlog)
         .with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
     let node = build_node(config.clone()).await?;
@@ -41,6 +40,21 @@ pub(crate) async fn run(args: ServeArgs) -> anyhow::Result<()> {
     node.run(listener, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The node's listener, with `backlog` instead of tokio's default (128 here):
+/// a reconnect storm of more connects than that overflows the accept queue,
+/// and each dropped handshake waits for a SYN retransmit (1 s, 2 s, 4 s, …).
+fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As tokio's own bind: a restarted node can bind while old sockets linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// The Redis broker settings a node config asks for, if any.
@@ -115,4 +129,21 @@ fn print_dev_banner(config: &Config, generated_secret: Option<&str>, addr: std::
     println!(
         "publish:  curl -s -X POST http://{addr}/v1/publish -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{\"rooms\":[\"team:42\"],\"type\":\"task.updated\",\"data\":{{\"id\":1}}}}'"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    /// For a listening socket, `ss` shows the accept queue's limit as Send-Q.
+    #[tokio::test]
+    async fn the_listener_asks_the_kernel_for_the_configured_backlog() {
+        let listener = super::listen("127.0.0.1:0".parse().unwrap(), 777).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let out = std::process::Command::new("ss")
+            .args(["-Hltn", &format!("sport = :{port}")])
+            .output()
+            .expect("ss (iproute2) runs; `make test-deps` installs it");
+        let text = String::from_utf8_lossy(&out.stdout);
+        // State, Recv-Q, Send-Q, local address, peer address.
+        assert_eq!(text.split_whitespace().nth(2), Some("777"), "ss: {text}");
+    }
 }

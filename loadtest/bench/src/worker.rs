@@ -244,6 +244,11 @@ async fn establish(spec: &WorkerSpec, i: usize) -> Result<(TcpStream, Vec<u8>)> 
     let room = layout.room_of(i);
     let target: SocketAddr = spec.targets[layout.node_of(i) % spec.targets.len()].parse()?;
     let sock = TcpSocket::new_v4()?;
+    // Closed with a reset when the worker ends: no TIME_WAIT is left behind,
+    // so back-to-back runs do not meet the last run's TIME_WAIT sockets
+    // (tcp_tw_reuse=2 reuses their ports on loopback, and a few handshakes
+    // then wait out SYN retransmits: connect storms of 16-33 s in run 17).
+    sock.set_zero_linger()?;
     sock.bind(SocketAddr::new(source_of(i).into(), 0))
         .context("bind source address")?;
     let mut s = sock.connect(target).await.context("connect")?;
