@@ -50,7 +50,7 @@ clean:
 BENCH := loadtest/bench/target/release/roomcast-bench
 BENCH_ARGS ?=
 
-.PHONY: bench bench-cluster bench-tool bench-smoke
+.PHONY: bench bench-cluster bench-tool bench-smoke bench-peer peer-deps
 bench-tool: build test-deps
 	cd loadtest/bench && $(CARGO) build --release
 
@@ -63,6 +63,9 @@ bench-smoke: test-deps
 	cd loadtest/bench && $(CARGO) build
 	loadtest/bench/target/debug/roomcast-bench run idle connect-storm fanout floor broadcast sweep \
 		floor-sweep --server-bin target/debug/roomcast $(SMOKE_ARGS)
+	$(MAKE) peer-deps
+	loadtest/bench/target/debug/roomcast-bench run fanout --peer socketio \
+		--server-bin target/debug/roomcast $(SMOKE_ARGS)
 	@if [ "$$(cat /proc/sys/kernel/io_uring_disabled 2>/dev/null || echo 0)" = 0 ]; then \
 		loadtest/bench/target/debug/roomcast-bench run floor --floor-io uring-fixed \
 			--server-bin target/debug/roomcast $(SMOKE_ARGS); \
@@ -72,6 +75,21 @@ bench-smoke: test-deps
 ## and of the floor probe), a few minutes.
 bench: bench-tool
 	$(BENCH) run --server-bin target/release/roomcast --json target/bench.json $(BENCH_ARGS)
+
+## The Socket.IO peer's npm packages (loadtest/peers/socketio), installed when missing.
+peer-deps:
+	@if [ ! -d loadtest/peers/socketio/node_modules ] || \
+		[ loadtest/peers/socketio/package-lock.json -nt loadtest/peers/socketio/node_modules ]; then \
+		echo "installing the Socket.IO peer's npm packages"; \
+		npm ci --prefix loadtest/peers/socketio --no-audit --no-fund --silent; \
+	fi
+
+## roomcast and Socket.IO 4 + its Redis adapter side by side: same machine, Redis, clients
+## and publisher (docs/performance.md, run 19).
+PEER_ARGS ?= idle fanout broadcast --rate 50000
+bench-peer: bench-tool peer-deps
+	$(BENCH) run $(PEER_ARGS) --server-bin target/release/roomcast --json target/bench-peer-roomcast.json $(BENCH_ARGS)
+	$(BENCH) run $(PEER_ARGS) --peer socketio --json target/bench-peer-socketio.json $(BENCH_ARGS)
 
 ## 3 nodes + Redis, 10,000 connections over 100 rooms, fixed rate.
 bench-cluster: bench-tool

@@ -44,6 +44,17 @@ pub fn source_of(i: usize) -> std::net::Ipv4Addr {
     std::net::Ipv4Addr::new(127, 0, 1, 1 + (i / 4000) as u8)
 }
 
+/// The server the node scenarios run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+pub enum Peer {
+    /// `roomcast serve`, publishes through the contract's publish script.
+    #[default]
+    Roomcast,
+    /// Socket.IO 4 on `@socket.io/redis-adapter` (loadtest/peers/socketio),
+    /// publishes in the adapter's own format, as `@socket.io/redis-emitter`.
+    Socketio,
+}
+
 pub fn room_name(r: usize) -> String {
     format!("team:{r}")
 }
@@ -169,8 +180,9 @@ pub fn slab_bytes() -> u64 {
 /// What a worker (or the floor) is told to do, as one JSON argument.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerSpec {
-    /// `ws`: the native protocol against nodes; `floor`: the floor probe's
-    /// raw framing (2-byte room id, then server frames).
+    /// `ws`: the native protocol against nodes; `socketio`: Engine.IO 4 over
+    /// WebSocket against a Socket.IO peer; `floor`: the floor probe's raw
+    /// framing (2-byte room id, then server frames).
     pub mode: String,
     pub targets: Vec<String>,
     pub layout: Layout,

@@ -113,6 +113,12 @@ pub struct Opts {
     /// same on registered files).
     #[arg(long, value_enum, default_value = "write")]
     pub floor_io: floor::FloorIo,
+    /// What the node scenarios measure: roomcast, or a peer server on the
+    /// same Redis, clients and publisher (`socketio`: Socket.IO 4 with the
+    /// official Redis adapter, `loadtest/peers/socketio`; needs `npm ci`
+    /// there, see `make bench-peer`).
+    #[arg(long, value_enum, default_value = "roomcast")]
+    pub peer: common::Peer,
     /// Keep the run directory (node and redis logs) after the run.
     #[arg(long)]
     pub keep: bool,

@@ -1,7 +1,9 @@
 //! The event generator: publishes straight into Redis the way a domain
 //! service does (docs/redis.md: EVALSHA of the publish script, one per room,
 //! `KEYS = [stream, channel, trim mark]`), pipelined on one raw RESP
-//! connection, paced every millisecond.
+//! connection, paced every millisecond. Against the Socket.IO peer it
+//! publishes what `@socket.io/redis-emitter` would: the Redis adapter's
+//! msgpack message on the room's adapter channel.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +12,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::common::{now_ns, room_name, Rng, PREFIX, TENANT};
+use crate::common::{now_ns, room_name, Peer, Rng, PREFIX, TENANT};
 
 /// The contract's publish script, from the one copy the server ships.
 pub const SCRIPT: &str = include_str!("../../../crates/broker-redis/src/publish.lua");
@@ -78,6 +80,60 @@ pub async fn ping(addr: &str) -> Result<()> {
     Ok(())
 }
 
+/// msgpack, just the shapes one adapter message needs.
+fn mp_str(out: &mut Vec<u8>, s: &str) {
+    let n = s.len();
+    if n < 32 {
+        out.push(0xa0 | n as u8);
+    } else {
+        out.push(0xd9);
+        out.push(u8::try_from(n).expect("short strings only"));
+    }
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn mp_u64(out: &mut Vec<u8>, v: u64) {
+    if v < 128 {
+        out.push(v as u8);
+    } else {
+        out.push(0xcf);
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// The Redis adapter's broadcast of event `bench` with `{w, seq, t_ns}` to
+/// `room`: `[uid, {type: 2, data: [name, body], nsp: "/"}, {rooms, except,
+/// flags}]` (@socket.io/redis-adapter 8, `broadcast`).
+fn socketio_message(room: &str, w: u8, seq: u64, t_ns: u64) -> Vec<u8> {
+    let mut m = Vec::with_capacity(96);
+    m.push(0x93);
+    mp_str(&mut m, "bench-publisher");
+    m.push(0x83);
+    mp_str(&mut m, "type");
+    m.push(2);
+    mp_str(&mut m, "data");
+    m.push(0x92);
+    mp_str(&mut m, "bench");
+    m.push(0x83);
+    mp_str(&mut m, "w");
+    mp_u64(&mut m, w.into());
+    mp_str(&mut m, "seq");
+    mp_u64(&mut m, seq);
+    mp_str(&mut m, "t_ns");
+    mp_u64(&mut m, t_ns);
+    mp_str(&mut m, "nsp");
+    mp_str(&mut m, "/");
+    m.push(0x83);
+    mp_str(&mut m, "rooms");
+    m.push(0x91);
+    mp_str(&mut m, room);
+    mp_str(&mut m, "except");
+    m.push(0x90);
+    mp_str(&mut m, "flags");
+    m.push(0x80);
+    m
+}
+
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct PubReport {
     pub published: u64,
@@ -93,6 +149,7 @@ pub struct PubReport {
 #[allow(clippy::too_many_arguments)] // one call site per scenario step; a struct would only rename them
 pub async fn run(
     addr: &str,
+    peer: Peer,
     sha: &str,
     sizes: &[u64],
     rate: f64,
@@ -145,6 +202,15 @@ pub async fn run(
             let r = rng.below(sizes.len());
             *seq += 1;
             let t = now_ns();
+            if peer == Peer::Socketio {
+                let room = room_name(r);
+                let channel = format!("socket.io#/#{room}#");
+                let msg = socketio_message(&room, w, *seq, t);
+                encode(&mut out, &[b"PUBLISH", channel.as_bytes(), &msg]);
+                rep.expected += sizes[r];
+                rep.published += 1;
+                continue;
+            }
             let env = format!(
                 r#"{{"v":1,"tenant":"{TENANT}","rooms":["{}"],"type":"bench","ts":{},"data":{{"w":{w},"seq":{},"t_ns":{t}}}}}"#,
                 room_name(r),

@@ -1,6 +1,6 @@
 //! The scenarios, the measurement step they share, and the report table.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use crate::common::{
     busy_pct, cpu_of, machine_jiffies, now_ms, rss_of, slab_bytes, tcp_mem_bytes, ConnectReport,
-    Layout, Rng, WorkerSpec, WorkerStats,
+    Layout, Peer, Rng, WorkerSpec, WorkerStats,
 };
 use crate::procs::{spawn, Proc};
 use crate::publish;
@@ -85,6 +85,16 @@ struct Env {
     opts: Opts,
 }
 
+impl Env {
+    /// The workers' protocol against the nodes of this run.
+    fn client_mode(&self) -> &'static str {
+        match self.opts.peer {
+            Peer::Roomcast => "ws",
+            Peer::Socketio => "socketio",
+        }
+    }
+}
+
 /// Redis, nodes and workers of one scenario; killed together.
 struct Cluster {
     redis: Option<Proc>,
@@ -92,6 +102,7 @@ struct Cluster {
     nodes: Vec<(Proc, String)>,
     workers: Vec<Proc>,
     layout: Layout,
+    peer: Peer,
 }
 
 impl Cluster {
@@ -209,6 +220,25 @@ async fn start_nodes(env: &Env, n: usize, redis_addr: &str) -> Result<Vec<(Proc,
     for k in 0..n {
         let ip = format!("127.0.0.{}", 2 + k);
         let addr = format!("{ip}:{}", free_port(&ip)?);
+        if env.opts.peer == Peer::Socketio {
+            let script = std::env::current_dir()?.join("loadtest/peers/socketio/server.js");
+            if !script.with_file_name("node_modules").is_dir() {
+                bail!(
+                    "{} has no node_modules: run `npm ci --prefix loadtest/peers/socketio` (make bench-peer does)",
+                    script.display()
+                );
+            }
+            let args: Vec<String> = vec![
+                script.display().to_string(),
+                "--listen".into(),
+                addr.clone(),
+                "--redis".into(),
+                format!("redis://{redis_addr}"),
+            ];
+            let node = Path::new("node");
+            nodes.push((spawn(&format!("node{k}"), node, &args, &env.dir, false)?, addr));
+            continue;
+        }
         let args: Vec<String> = [
             "serve",
             "--listen",
@@ -487,7 +517,7 @@ async fn step_once(
     for w in c.workers.iter_mut() {
         w.ask("reset", PATIENCE).await?;
     }
-    publish::run(&c.redis_addr, &sha, &sizes, pub_rate, warm_s, 0, rng, seq).await?;
+    publish::run(&c.redis_addr, c.peer, &sha, &sizes, pub_rate, warm_s, 0, rng, seq).await?;
     let node_pids: Vec<u32> = c.nodes.iter().map(|(p, _)| p.pid).collect();
     let gen_pids: Vec<u32> = c
         .workers
@@ -501,7 +531,8 @@ async fn step_once(
     let d0 = delivery_counters(&c.nodes).await;
     let m0 = machine_jiffies();
     let t0 = Instant::now();
-    let rep = publish::run(&c.redis_addr, &sha, &sizes, pub_rate, secs, 1, rng, seq).await?;
+    let rep =
+        publish::run(&c.redis_addr, c.peer, &sha, &sizes, pub_rate, secs, 1, rng, seq).await?;
     let drain_s = drain(&mut c.workers, rep.expected).await?;
     let window_s = t0.elapsed().as_secs_f64();
     let d1 = delivery_counters(&c.nodes).await;
@@ -561,6 +592,9 @@ async fn step_once(
         row.shared_write_pct = Some(pct);
         row.note = format!("{pct:.0}% in shared writes; {}", row.note);
     }
+    if c.peer == Peer::Socketio {
+        row.note = format!("peer: Socket.IO + Redis adapter; {}", row.note);
+    }
     if let Some(e) = rep.first_error {
         row.note = format!("publish error: {e}; {}", row.note);
     }
@@ -575,11 +609,12 @@ async fn setup(env: &Env, tag: &str, layout: Layout, concurrency: usize) -> Resu
         nodes: vec![],
         workers: vec![],
         layout,
+        peer: env.opts.peer,
     };
     match async {
         c.nodes = start_nodes(env, layout.nodes, &c.redis_addr).await?;
         let targets = c.nodes.iter().map(|(_, a)| a.clone()).collect();
-        c.workers = spawn_workers(env, tag, "ws", targets, layout, concurrency)?;
+        c.workers = spawn_workers(env, tag, env.client_mode(), targets, layout, concurrency)?;
         let (rep, t0) = connect(&mut c.workers).await?;
         eprintln!(
             "  {} connections subscribed in {:.2} s ({} failed)",
@@ -618,11 +653,19 @@ async fn idle_and_storm(
         nodes: vec![],
         workers: vec![],
         layout,
+        peer: env.opts.peer,
     };
     let res = async {
         c.nodes = start_nodes(env, 1, &c.redis_addr).await?;
         let targets = c.nodes.iter().map(|(_, a)| a.clone()).collect();
-        c.workers = spawn_workers(env, "idle", "ws", targets, layout, env.opts.storm_concurrency)?;
+        c.workers = spawn_workers(
+            env,
+            "idle",
+            env.client_mode(),
+            targets,
+            layout,
+            env.opts.storm_concurrency,
+        )?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         wait_quiet().await;
         let pid = c.nodes[0].0.pid;

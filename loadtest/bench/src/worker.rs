@@ -258,9 +258,15 @@ async fn establish(spec: &WorkerSpec, i: usize) -> Result<(TcpStream, Vec<u8>)> 
         s.write_all(&(room as u16).to_be_bytes()).await?;
         return Ok((s, buf));
     }
-    let token = mint(spec.secret.as_bytes(), i, room);
+    let socketio = spec.mode == "socketio";
+    let path = if socketio {
+        // The peer joins the room named in the query before its connect ack.
+        format!("/socket.io/?EIO=4&transport=websocket&room={}", room_name(room))
+    } else {
+        format!("/v1/ws?token={}", mint(spec.secret.as_bytes(), i, room))
+    };
     let req = format!(
-        "GET /v1/ws?token={token} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\n\
          Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
          Sec-WebSocket-Version: 13\r\n\r\n"
     );
@@ -280,6 +286,9 @@ async fn establish(spec: &WorkerSpec, i: usize) -> Result<(TcpStream, Vec<u8>)> 
         );
     }
     buf.drain(..end);
+    if socketio {
+        return socketio_connect(s, buf).await;
+    }
     let sub = format!(
         r#"{{"op":"subscribe","ref":"1","rooms":["{}"]}}"#,
         room_name(room)
@@ -305,6 +314,40 @@ async fn establish(spec: &WorkerSpec, i: usize) -> Result<(TcpStream, Vec<u8>)> 
         }
         if s.read_buf(&mut buf).await? == 0 {
             return Err(anyhow!("closed before subscribed"));
+        }
+    }
+}
+
+/// Engine.IO 4 over WebSocket: the server's open packet (`0{…}`), our
+/// namespace connect (`40`), its ack (`40{"sid":…}`); the room was joined
+/// from the handshake query before the ack.
+async fn socketio_connect(mut s: TcpStream, mut buf: Vec<u8>) -> Result<(TcpStream, Vec<u8>)> {
+    let mut opened = false;
+    loop {
+        while let Some((op, hl, len)) = parse_header(&buf) {
+            if buf.len() < hl + len {
+                break;
+            }
+            let payload = &buf[hl..hl + len];
+            match (op, payload.first()) {
+                (0x1, Some(b'0')) if !opened => {
+                    opened = true;
+                    s.write_all(&client_frame(0x1, b"40")).await?;
+                }
+                (0x1, _) if opened && payload.starts_with(b"40") => {
+                    buf.drain(..hl + len);
+                    return Ok((s, buf));
+                }
+                (0x1, _) if payload.starts_with(b"44") => {
+                    bail!("connect refused: {}", String::from_utf8_lossy(payload));
+                }
+                (0x8, _) => bail!("closed: {:?}", String::from_utf8_lossy(payload)),
+                _ => {}
+            }
+            buf.drain(..hl + len);
+        }
+        if s.read_buf(&mut buf).await? == 0 {
+            return Err(anyhow!("closed before the connect ack"));
         }
     }
 }
