@@ -236,7 +236,10 @@ async fn start_nodes(env: &Env, n: usize, redis_addr: &str) -> Result<Vec<(Proc,
                 format!("redis://{redis_addr}"),
             ];
             let node = Path::new("node");
-            nodes.push((spawn(&format!("node{k}"), node, &args, &env.dir, false)?, addr));
+            nodes.push((
+                spawn(&format!("node{k}"), node, &args, &env.dir, false)?,
+                addr,
+            ));
             continue;
         }
         let args: Vec<String> = [
@@ -517,7 +520,18 @@ async fn step_once(
     for w in c.workers.iter_mut() {
         w.ask("reset", PATIENCE).await?;
     }
-    publish::run(&c.redis_addr, c.peer, &sha, &sizes, pub_rate, warm_s, 0, rng, seq).await?;
+    publish::run(
+        &c.redis_addr,
+        c.peer,
+        &sha,
+        &sizes,
+        pub_rate,
+        warm_s,
+        0,
+        rng,
+        seq,
+    )
+    .await?;
     let node_pids: Vec<u32> = c.nodes.iter().map(|(p, _)| p.pid).collect();
     let gen_pids: Vec<u32> = c
         .workers
@@ -531,8 +545,18 @@ async fn step_once(
     let d0 = delivery_counters(&c.nodes).await;
     let m0 = machine_jiffies();
     let t0 = Instant::now();
-    let rep =
-        publish::run(&c.redis_addr, c.peer, &sha, &sizes, pub_rate, secs, 1, rng, seq).await?;
+    let rep = publish::run(
+        &c.redis_addr,
+        c.peer,
+        &sha,
+        &sizes,
+        pub_rate,
+        secs,
+        1,
+        rng,
+        seq,
+    )
+    .await?;
     let drain_s = drain(&mut c.workers, rep.expected).await?;
     let window_s = t0.elapsed().as_secs_f64();
     let d1 = delivery_counters(&c.nodes).await;

@@ -261,7 +261,10 @@ async fn establish(spec: &WorkerSpec, i: usize) -> Result<(TcpStream, Vec<u8>)> 
     let socketio = spec.mode == "socketio";
     let path = if socketio {
         // The peer joins the room named in the query before its connect ack.
-        format!("/socket.io/?EIO=4&transport=websocket&room={}", room_name(room))
+        format!(
+            "/socket.io/?EIO=4&transport=websocket&room={}",
+            room_name(room)
+        )
     } else {
         format!("/v1/ws?token={}", mint(spec.secret.as_bytes(), i, room))
     };
