@@ -25,6 +25,7 @@ mod publish;
 mod ratelimit;
 mod session;
 mod sse;
+mod uring;
 pub mod ws;
 mod wsread;
 
