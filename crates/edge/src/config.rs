@@ -79,6 +79,10 @@ pub struct Limits {
     /// them (capped by `net.core.somaxconn`). A reconnect storm overflowing
     /// it costs clients SYN retransmits of seconds each.
     pub listen_backlog: u32,
+    /// Whether a fan-out hands its WebSocket sends to the kernel in one
+    /// `io_uring` submission per chunk of members instead of one `send(2)`
+    /// each: a system call per delivery is a measurable share of its cost.
+    pub io_uring: IoUringMode,
     /// Largest inbound message; bigger ones close the socket with 1009.
     pub max_message_bytes: usize,
     /// Rooms one session may hold at once (SUBSCRIPTION_LIMIT past it).
@@ -110,6 +114,7 @@ impl Default for Limits {
         Self {
             max_connections: 20_000,
             listen_backlog: 4096,
+            io_uring: IoUringMode::Auto,
             max_message_bytes: 64 * 1024,
             max_rooms_per_session: 200,
             rate_messages: 100,
@@ -123,6 +128,19 @@ impl Default for Limits {
             signal_window: Duration::from_secs(10),
         }
     }
+}
+
+/// `limits.io_uring`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IoUringMode {
+    /// Use it where the kernel and the sandbox allow it; otherwise `send(2)`,
+    /// with one warning in the log.
+    Auto,
+    /// Refuse to start where it cannot be used.
+    Required,
+    /// Always `send(2)`.
+    Off,
 }
 
 /// How clients prove who they are and which rooms they may join.

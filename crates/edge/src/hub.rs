@@ -25,7 +25,7 @@ use metrics::{Counter, Gauge, Histogram};
 use roomcast_broker::{Broker, BrokerError, EventSink, PresenceChange, PresenceEntry};
 use roomcast_protocol::{Event, EventId, RoomKey, RoomName};
 
-use crate::outbox::PushError;
+use crate::outbox::{DirectSend, PushError, Shared};
 use crate::session::{Session, MAX_RENDER_SLOTS};
 
 const SHARDS: usize = 64;
@@ -78,6 +78,8 @@ struct HubMetrics {
     latency: Histogram,
     rooms: Gauge,
     subscriptions: Gauge,
+    io_uring_submissions: Counter,
+    io_uring_sends: Counter,
     broker_subscribe_errors: Counter,
 }
 
@@ -91,6 +93,8 @@ pub struct Hub {
     presence: OnceLock<PresenceTracking>,
     lag: crate::lag::LagTracker,
     unsubscribe_delay: Duration,
+    /// Direct sends of a fan-out go to the kernel in `io_uring` submissions.
+    io_uring: bool,
     metrics: HubMetrics,
 }
 
@@ -108,7 +112,10 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Hub {
-    pub fn new(unsubscribe_delay: Duration) -> Arc<Self> {
+    /// With `io_uring`, a fan-out's direct sends go to the kernel in one
+    /// submission per chunk of members (falling back to `send(2)` where the
+    /// process may not use it).
+    pub fn new(unsubscribe_delay: Duration, io_uring: bool) -> Arc<Self> {
         let hub = Arc::new(Self {
             me: OnceLock::new(),
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
@@ -117,6 +124,7 @@ impl Hub {
             presence: OnceLock::new(),
             lag: crate::lag::LagTracker::default(),
             unsubscribe_delay,
+            io_uring,
             metrics: HubMetrics {
                 events_in: metrics::counter!("roomcast_events_in_total"),
                 deliveries: metrics::counter!("roomcast_deliveries_total"),
@@ -128,6 +136,8 @@ impl Hub {
                 broker_subscribe_errors: metrics::counter!(
                     "roomcast_broker_subscribe_errors_total"
                 ),
+                io_uring_submissions: metrics::counter!("roomcast_io_uring_submissions_total"),
+                io_uring_sends: metrics::counter!("roomcast_io_uring_sends_total"),
             },
         });
         let _ = hub.me.set(Arc::downgrade(&hub));
@@ -465,6 +475,11 @@ impl Hub {
         let mut rendered: [Option<Rendered>; MAX_RENDER_SLOTS] = Default::default();
         let mut delivered = 0u64;
         let mut slow = 0u64;
+        // Sends that may go straight to their sockets, with their frame's
+        // renderer slot; each keeps its session's later frames queued
+        // behind it until it is sent.
+        let batch_sends = self.io_uring && crate::uring::usable() && room.members.len() > 1;
+        let mut direct: Vec<(DirectSend<'_>, usize)> = Vec::new();
         for session in &room.members {
             // A session in several of the event's rooms gets it through the
             // first of them only.
@@ -489,6 +504,16 @@ impl Hub {
                 continue;
             }
             let pushed = match (&r.coalesce, deferred.as_deref_mut()) {
+                (None, None) if batch_sends => match session.outbox.begin_shared(frame) {
+                    Shared::Done(pushed) => pushed,
+                    Shared::Direct(send) => {
+                        direct.push((send, slot));
+                        if direct.len() == crate::uring::MAX_BATCH {
+                            self.send_direct(&mut direct, &rendered);
+                        }
+                        Ok(())
+                    }
+                },
                 (None, None) => session.outbox.push_shared(frame),
                 (None, Some(flush)) => session.outbox.push_deferred(frame).map(|first| {
                     if first {
@@ -506,12 +531,54 @@ impl Hub {
                 Err(PushError::Closed) => {}
             }
         }
+        self.send_direct(&mut direct, &rendered);
         self.metrics.deliveries.increment(delivered);
         if deferred.is_some() {
             self.metrics.deliveries_deferred.increment(delivered);
         }
         if slow > 0 {
             self.metrics.slow_consumer_drops.increment(slow);
+        }
+    }
+}
+
+impl Hub {
+    /// Sends the frames of `direct` in one `io_uring` submission (one
+    /// `send(2)` each if this process may not use it) and releases their
+    /// outboxes, queueing for the writers what the sockets did not take.
+    fn send_direct(
+        &self,
+        direct: &mut Vec<(DirectSend<'_>, usize)>,
+        rendered: &[Option<Rendered>; MAX_RENDER_SLOTS],
+    ) {
+        if direct.is_empty() {
+            return;
+        }
+        let frame_of = |slot: usize| -> &Bytes {
+            rendered[slot]
+                .as_ref()
+                .and_then(|r| r.frame.as_ref())
+                .expect("a direct send's frame was rendered")
+        };
+        let mut results = [0i32; crate::uring::MAX_BATCH];
+        let submitted = {
+            let sends: Vec<_> = direct
+                .iter()
+                .map(|(send, slot)| (send.socket(), &frame_of(*slot)[..]))
+                .collect();
+            crate::uring::send_each(&sends, &mut results)
+        };
+        if submitted.is_ok() {
+            self.metrics.io_uring_submissions.increment(1);
+            self.metrics.io_uring_sends.increment(direct.len() as u64);
+        }
+        for (i, (send, slot)) in direct.drain(..).enumerate() {
+            let frame = frame_of(slot);
+            let sent = match submitted {
+                Ok(()) => crate::uring::result(results[i]),
+                Err(crate::uring::Unavailable) => send.send_now(frame),
+            };
+            send.finish(frame, sent);
         }
     }
 }

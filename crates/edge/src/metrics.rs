@@ -105,6 +105,14 @@ fn describe() {
         "Deliveries held to share one socket write with a later frame of the same room read in the same broker batch."
     );
     describe_counter!(
+        "roomcast_io_uring_submissions_total",
+        "io_uring submissions of direct sends (limits.io_uring); 0 when off or refused by the kernel."
+    );
+    describe_counter!(
+        "roomcast_io_uring_sends_total",
+        "Direct sends that went to the kernel in an io_uring submission."
+    );
+    describe_counter!(
         "roomcast_drops_total",
         "Frames or sessions dropped, by reason."
     );

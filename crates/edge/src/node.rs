@@ -14,7 +14,7 @@ use roomcast_protocol::{NodeId, SessionId};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, IoUringMode};
 use crate::dialect::Dialect;
 use crate::disconnect::Disconnect;
 use crate::hub::Hub;
@@ -105,7 +105,19 @@ impl Node {
         crate::metrics::register_defaults(config.limits.max_connections);
         let verifier = crate::auth::verifier(&config).map_err(NodeError::Auth)?;
         let authorizer = crate::auth::authorizer(&config).map_err(NodeError::Auth)?;
-        let hub = Hub::new(config.unsubscribe_delay);
+        let io_uring = match config.limits.io_uring {
+            IoUringMode::Off => false,
+            IoUringMode::Auto => true,
+            IoUringMode::Required => {
+                crate::uring::probe().map_err(|e| {
+                    crate::config::ConfigError(format!(
+                        "limits.io_uring = \"required\", but this process may not use io_uring: {e}"
+                    ))
+                })?;
+                true
+            }
+        };
+        let hub = Hub::new(config.unsubscribe_delay, io_uring);
         let broker = make_broker(hub.clone() as Arc<dyn EventSink>)
             .await
             .map_err(NodeError::Broker)?;

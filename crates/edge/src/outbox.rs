@@ -56,6 +56,8 @@ struct State {
     held: Vec<Held>,
     /// The writer took frames and has not finished writing them.
     writer_busy: bool,
+    /// A [`DirectSend`] is under way: pushes queue and the writer waits.
+    sending: bool,
     /// `frames` were deferred by the hub for one direct write with a later
     /// frame: the writer was not woken for them.
     deferred: bool,
@@ -71,8 +73,8 @@ struct Held {
 
 /// One non-blocking `send(2)` on the session's socket. `MSG_NOSIGNAL`: a
 /// peer gone away is an error to act on, never a SIGPIPE.
-fn send_now(socket: &tokio::net::TcpStream, frame: &[u8]) -> std::io::Result<usize> {
-    socket2::SockRef::from(socket).send_with_flags(frame, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+fn send_now(socket: std::os::fd::BorrowedFd<'_>, frame: &[u8]) -> std::io::Result<usize> {
+    socket2::SockRef::from(&socket).send_with_flags(frame, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
 }
 
 /// Most frames one vectored send carries (far below any `IOV_MAX`).
@@ -106,6 +108,54 @@ fn send_queued(socket: &tokio::net::TcpStream, frames: &mut VecDeque<Bytes>, byt
             sent = 0;
         }
     }
+}
+
+/// What [`Outbox::begin_shared`] did with a frame.
+pub(crate) enum Shared<'a> {
+    /// Queued, sent with deferred frames, or refused, as `push_shared` would.
+    Done(Result<(), PushError>),
+    /// Nothing is queued and the writer is idle: the caller sends the frame
+    /// to [`DirectSend::socket`] and reports with [`DirectSend::finish`].
+    Direct(DirectSend<'a>),
+}
+
+/// A frame that may go straight to the socket, sent without the outbox's
+/// lock so that the caller can hold many of them at once without ever
+/// blocking on a lock while holding another. While it lives the outbox is
+/// `sending`: pushes queue behind it and the writer waits, so no other write
+/// can come between the send and what follows it and a session's bytes stay
+/// in order. The socket is held too, so its descriptor cannot be closed and
+/// reused before the send.
+pub(crate) struct DirectSend<'a> {
+    outbox: &'a Outbox,
+    socket: std::sync::Arc<tokio::net::TcpStream>,
+}
+
+impl DirectSend<'_> {
+    /// The session's socket, valid while `self` lives.
+    pub(crate) fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.socket.as_fd()
+    }
+
+    /// Sends with one `send(2)`.
+    pub(crate) fn send_now(&self, frame: &[u8]) -> std::io::Result<usize> {
+        send_now(self.socket(), frame)
+    }
+
+    /// Ends the send (`sent` is its result): what the socket did not take
+    /// goes to the writer, ahead of what was pushed meanwhile.
+    pub(crate) fn finish(self, frame: &Bytes, sent: std::io::Result<usize>) {
+        let mut st = self.outbox.lock();
+        st.sending = false;
+        self.outbox.after_send(st, frame, sent);
+    }
+}
+
+/// Where [`Outbox::route_shared`] sent a frame.
+enum Route<'a> {
+    Done(Result<(), PushError>),
+    Direct(std::sync::MutexGuard<'a, State>),
 }
 
 /// What the writer should do next.
@@ -165,34 +215,86 @@ impl Outbox {
     /// cloned (a reference count on a cache line every member's push would
     /// touch) only when it has to wait in the queue.
     pub(crate) fn push_shared(&self, frame: &Bytes) -> Result<(), PushError> {
+        match self.route_shared(frame) {
+            Route::Done(pushed) => pushed,
+            Route::Direct(st) => {
+                use std::os::fd::AsFd;
+                let socket = st.socket.as_deref().expect("routed to its socket");
+                let sent = send_now(socket.as_fd(), frame);
+                self.after_send(st, frame, sent);
+                Ok(())
+            }
+        }
+    }
+
+    /// [`Outbox::push_shared`] for a caller that sends the frame itself when
+    /// it may go straight to the socket ([`Shared::Direct`]), so that it can
+    /// hand several sessions' sends to the kernel at once (`uring.rs`).
+    pub(crate) fn begin_shared(&self, frame: &Bytes) -> Shared<'_> {
+        match self.route_shared(frame) {
+            Route::Done(pushed) => Shared::Done(pushed),
+            Route::Direct(mut st) => {
+                let socket = st.socket.clone().expect("routed to its socket");
+                st.sending = true;
+                Shared::Direct(DirectSend {
+                    outbox: self,
+                    socket,
+                })
+            }
+        }
+    }
+
+    /// Admits a shared frame and queues it, unless it may go straight to the
+    /// socket: then the caller sends it under the returned lock.
+    fn route_shared(&self, frame: &Bytes) -> Route<'_> {
         let mut st = self.lock();
-        self.admit(&mut st, frame)?;
-        let mut written = 0;
-        if !st.writer_busy {
+        if let Err(refused) = self.admit(&mut st, frame) {
+            return Route::Done(Err(refused));
+        }
+        if !st.writer_busy && !st.sending {
             if st.deferred {
                 // The frames deferred for this one go out with it.
                 st.deferred = false;
                 st.bytes += frame.len();
                 st.frames.push_back(frame.clone());
-                return self.send_deferred(st);
+                return Route::Done(self.send_deferred(st));
             }
-            if st.frames.is_empty() {
-                if let Some(socket) = &st.socket {
-                    match send_now(socket, frame) {
-                        Ok(n) if n == frame.len() => return Ok(()),
-                        // The rest waits for the writer, in order.
-                        Ok(n) => written = n,
-                        // Full, or failing: the writer finds out and acts.
-                        Err(_) => {}
-                    }
-                }
+            if st.frames.is_empty() && st.socket.is_some() {
+                return Route::Direct(st);
             }
         }
-        let frame = if written == 0 {
-            frame.clone()
-        } else {
-            frame.slice(written..)
+        self.enqueue(st, frame.clone());
+        Route::Done(Ok(()))
+    }
+
+    /// Puts what a direct send did not take at the front of the queue (the
+    /// frames pushed meanwhile follow it) and wakes the writer for whatever
+    /// waits. A full socket or an error leaves the whole frame to the
+    /// writer, which finds out and acts.
+    fn after_send(
+        &self,
+        mut st: std::sync::MutexGuard<'_, State>,
+        frame: &Bytes,
+        sent: std::io::Result<usize>,
+    ) {
+        let rest = match sent {
+            Ok(n) if n >= frame.len() => None,
+            Ok(n) => Some(frame.slice(n..)),
+            Err(_) => Some(frame.clone()),
         };
+        if let Some(rest) = rest {
+            st.bytes += rest.len();
+            st.frames.push_front(rest);
+        }
+        let wake = !st.frames.is_empty() || st.close.is_some();
+        drop(st);
+        if wake {
+            self.ready.notify_one();
+        }
+    }
+
+    /// Queues `frame` behind the others; the writer is woken for the first.
+    fn enqueue(&self, mut st: std::sync::MutexGuard<'_, State>, frame: Bytes) {
         st.bytes += frame.len();
         st.frames.push_back(frame);
         let first = st.frames.len() == 1;
@@ -200,7 +302,6 @@ impl Outbox {
         if first {
             self.ready.notify_one();
         }
-        Ok(())
     }
 
     /// Queues a frame the hub will send together with a later one: while the
@@ -211,8 +312,10 @@ impl Outbox {
     pub(crate) fn push_deferred(&self, frame: &Bytes) -> Result<bool, PushError> {
         let mut st = self.lock();
         self.admit(&mut st, frame)?;
-        let direct =
-            st.socket.is_some() && !st.writer_busy && (st.frames.is_empty() || st.deferred);
+        let direct = st.socket.is_some()
+            && !st.writer_busy
+            && !st.sending
+            && (st.frames.is_empty() || st.deferred);
         st.bytes += frame.len();
         st.frames.push_back(frame.clone());
         if direct {
@@ -247,9 +350,10 @@ impl Outbox {
             bytes,
             socket,
             writer_busy,
+            sending,
             ..
         } = &mut *st;
-        if let (Some(socket), false) = (socket.as_deref(), *writer_busy) {
+        if let (Some(socket), false, false) = (socket.as_deref(), *writer_busy, *sending) {
             send_queued(socket, frames, bytes);
         }
         let waiting = !st.frames.is_empty();
@@ -342,6 +446,10 @@ impl Outbox {
     /// frame comes due, if any.
     pub(crate) fn take_ready(&self) -> Result<Next, Option<Instant>> {
         let mut st = self.lock();
+        if st.sending {
+            // The send's end wakes the writer again.
+            return Err(None);
+        }
         if let Some(disconnect) = st.close {
             let frames = std::mem::take(&mut st.frames);
             st.bytes = 0;
@@ -698,6 +806,46 @@ mod tests {
         o.detach_socket();
         assert!(writer_woken(&o));
         assert!(matches!(o.take_ready(), Ok(Next::Write(f)) if f.len() == 1));
+    }
+
+    /// While a [`DirectSend`] is out (no lock held), later frames queue
+    /// behind it, nothing else writes (neither another push nor the writer,
+    /// not even for a close), and what it did not send goes out first.
+    #[tokio::test]
+    async fn frames_pushed_during_a_direct_send_follow_its_unsent_rest() {
+        let (socket, peer) = socket_pair().await;
+        let o = Outbox::new(100, 1 << 20);
+        o.attach_socket(socket);
+        let first = Bytes::from_static(b"first");
+        let Shared::Direct(send) = o.begin_shared(&first) else {
+            panic!("an idle outbox with a socket sends directly");
+        };
+        let Shared::Done(queued) = o.begin_shared(&Bytes::from_static(b"+second")) else {
+            panic!("a second direct send while one is out");
+        };
+        queued.unwrap();
+        o.push_deferred(&Bytes::from_static(b"+third")).unwrap();
+        o.push_shared(&Bytes::from_static(b"+fourth")).unwrap();
+        assert!(readable_now(&peer).is_empty(), "nothing overtakes the send");
+        assert!(writer_woken(&o), "the writer is told frames wait");
+        o.close(Disconnect::SHUTDOWN, true);
+        assert!(o.take_ready().is_err(), "the writer waits for the send");
+
+        // The socket took two bytes of the frame.
+        assert_eq!(send.send_now(&first[..2]).unwrap(), 2);
+        send.finish(&first, Ok(2));
+        assert_eq!(readable_now(&peer), b"fi");
+        assert!(writer_woken(&o), "the send's end wakes the writer");
+        match o.take_ready() {
+            Ok(Next::Close(frames, Disconnect::SHUTDOWN)) => assert_eq!(
+                frames
+                    .iter()
+                    .flat_map(|f| f.iter().copied())
+                    .collect::<Vec<u8>>(),
+                b"rst+second+third+fourth"
+            ),
+            _ => panic!("expected the drain close with every frame"),
+        }
     }
 
     #[tokio::test]

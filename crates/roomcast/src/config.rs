@@ -35,6 +35,7 @@ pub(crate) fn load(args: &ServeArgs) -> anyhow::Result<Config> {
         c.limits.idle_timeout => args.idle_timeout,
         c.limits.outbound_queue_frames => args.outbound_queue_frames,
         c.limits.outbound_queue_bytes => args.outbound_queue_bytes,
+        c.limits.io_uring => args.io_uring,
         c.auth.algorithm => args.jwt_algorithm,
         c.auth.leeway_secs => args.jwt_leeway_secs,
         c.auth.cookie_name => args.cookie_name,
