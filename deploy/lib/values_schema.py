@@ -42,6 +42,8 @@ SPECIAL = {
                        "terminationGracePeriodSeconds from it. Whole seconds (\"10s\"), minutes (\"1m\") or "
                        "milliseconds (\"500ms\").",
     },
+    # A node refuses any other value; the chart should say so before the pod starts.
+    ("limits", "io_uring"): {"type": "string", "enum": ["auto", "required", "off"]},
 }
 
 
@@ -82,7 +84,10 @@ def read_example():
 
 def schema_for(value, path, docs):
     if path in SPECIAL:
-        return dict(SPECIAL[path])
+        s = dict(SPECIAL[path])
+        if "description" not in s and docs.get(path):
+            s["description"] = docs[path]
+        return s
     if isinstance(value, bool):
         s = {"type": "boolean"}
     elif isinstance(value, int):
