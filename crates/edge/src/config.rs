@@ -135,12 +135,22 @@ impl Default for Limits {
 #[serde(rename_all = "lowercase")]
 pub enum IoUringMode {
     /// Use it where the kernel and the sandbox allow it; otherwise `send(2)`,
-    /// with one warning in the log.
+    /// with one line in the log.
     Auto,
     /// Refuse to start where it cannot be used.
     Required,
     /// Always `send(2)`.
     Off,
+}
+
+/// The names of the config file, for the command line and the environment.
+impl std::str::FromStr for IoUringMode {
+    type Err = serde::de::value::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        use serde::de::IntoDeserializer as _;
+        Self::deserialize(s.into_deserializer())
+    }
 }
 
 /// How clients prove who they are and which rooms they may join.
@@ -453,6 +463,23 @@ mod tests {
         assert_eq!(c.drain_window, Duration::from_secs(2));
         assert_eq!(c.limits.ping_interval, Duration::from_millis(500));
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
+    }
+
+    /// `--io-uring` and `ROOMCAST_IO_URING` take the file's names, and say
+    /// which ones when given another.
+    #[test]
+    fn io_uring_mode_reads_the_same_names_as_the_file() {
+        for (name, mode) in [
+            ("auto", IoUringMode::Auto),
+            ("required", IoUringMode::Required),
+            ("off", IoUringMode::Off),
+        ] {
+            assert_eq!(name.parse::<IoUringMode>().unwrap(), mode);
+            let c: Config = toml::from_str(&format!("[limits]\nio_uring = \"{name}\"")).unwrap();
+            assert_eq!(c.limits.io_uring, mode);
+        }
+        let e = "sometimes".parse::<IoUringMode>().unwrap_err().to_string();
+        assert!(e.contains("`auto`, `required`, `off`"), "{e}");
     }
 
     #[test]

@@ -479,7 +479,11 @@ impl Hub {
         // renderer slot; each keeps its session's later frames queued
         // behind it until it is sent.
         let batch_sends = self.io_uring && crate::uring::usable() && room.members.len() > 1;
-        let mut direct: Vec<(DirectSend<'_>, usize)> = Vec::new();
+        let mut direct: Vec<(DirectSend<'_>, usize)> = if batch_sends {
+            Vec::with_capacity(room.members.len().min(crate::uring::MAX_BATCH))
+        } else {
+            Vec::new()
+        };
         for session in &room.members {
             // A session in several of the event's rooms gets it through the
             // first of them only.
@@ -561,13 +565,12 @@ impl Hub {
                 .expect("a direct send's frame was rendered")
         };
         let mut results = [0i32; crate::uring::MAX_BATCH];
-        let submitted = {
-            let sends: Vec<_> = direct
+        let submitted = crate::uring::send_each(
+            direct
                 .iter()
-                .map(|(send, slot)| (send.socket(), &frame_of(*slot)[..]))
-                .collect();
-            crate::uring::send_each(&sends, &mut results)
-        };
+                .map(|(send, slot)| (send.socket(), &frame_of(*slot)[..])),
+            &mut results,
+        );
         if submitted.is_ok() {
             self.metrics.io_uring_submissions.increment(1);
             self.metrics.io_uring_sends.increment(direct.len() as u64);

@@ -65,6 +65,13 @@ struct State {
     socket: Option<std::sync::Arc<tokio::net::TcpStream>>,
 }
 
+impl State {
+    /// The writer or a [`DirectSend`] owns the socket: nobody else writes.
+    fn writing(&self) -> bool {
+        self.writer_busy || self.sending
+    }
+}
+
 struct Held {
     key: Box<str>,
     due: Instant,
@@ -251,7 +258,7 @@ impl Outbox {
         if let Err(refused) = self.admit(&mut st, frame) {
             return Route::Done(Err(refused));
         }
-        if !st.writer_busy && !st.sending {
+        if !st.writing() {
             if st.deferred {
                 // The frames deferred for this one go out with it.
                 st.deferred = false;
@@ -312,10 +319,7 @@ impl Outbox {
     pub(crate) fn push_deferred(&self, frame: &Bytes) -> Result<bool, PushError> {
         let mut st = self.lock();
         self.admit(&mut st, frame)?;
-        let direct = st.socket.is_some()
-            && !st.writer_busy
-            && !st.sending
-            && (st.frames.is_empty() || st.deferred);
+        let direct = st.socket.is_some() && !st.writing() && (st.frames.is_empty() || st.deferred);
         st.bytes += frame.len();
         st.frames.push_back(frame.clone());
         if direct {
@@ -345,16 +349,16 @@ impl Outbox {
     /// Writes the queue straight to the socket (the caller cleared
     /// `deferred` under the same lock), then wakes the writer for the rest.
     fn send_deferred(&self, mut st: std::sync::MutexGuard<'_, State>) -> Result<(), PushError> {
-        let State {
-            frames,
-            bytes,
-            socket,
-            writer_busy,
-            sending,
-            ..
-        } = &mut *st;
-        if let (Some(socket), false, false) = (socket.as_deref(), *writer_busy, *sending) {
-            send_queued(socket, frames, bytes);
+        if !st.writing() {
+            let State {
+                frames,
+                bytes,
+                socket,
+                ..
+            } = &mut *st;
+            if let Some(socket) = socket.as_deref() {
+                send_queued(socket, frames, bytes);
+            }
         }
         let waiting = !st.frames.is_empty();
         drop(st);

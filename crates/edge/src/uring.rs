@@ -78,17 +78,33 @@ pub(crate) fn usable() -> bool {
 /// Sends each `(socket, frame)` with `MSG_DONTWAIT | MSG_NOSIGNAL`, all in
 /// one submission, and stores each send's result in `results` at the same
 /// index: bytes sent, or a negated `errno` (`-EAGAIN` for a full socket).
-/// Every send has finished when this returns.
-pub(crate) fn send_each(
-    sends: &[(BorrowedFd<'_>, &[u8])],
+/// Every send has finished when this returns. An iterator, so the caller
+/// need not collect its sends into a buffer per submission.
+pub(crate) fn send_each<'a>(
+    sends: impl ExactSizeIterator<Item = (BorrowedFd<'a>, &'a [u8])>,
     results: &mut [i32],
 ) -> Result<(), Unavailable> {
     assert!(sends.len() <= MAX_BATCH && results.len() >= sends.len());
-    if sends.is_empty() {
+    if sends.len() == 0 {
         return Ok(());
     }
     if !usable() {
         return Err(Unavailable);
+    }
+    // Every entry is built before the ring is touched, so a caller's
+    // iterator that panics leaves nothing queued. The entries point into
+    // buffers and descriptors borrowed for `'a`, which outlives this call.
+    let mut entries: [Option<io_uring::squeue::Entry>; MAX_BATCH] = [const { None }; MAX_BATCH];
+    let mut count = 0;
+    for (fd, frame) in sends {
+        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        entries[count] = Some(
+            io_uring::opcode::Send::new(io_uring::types::Fd(fd.as_raw_fd()), frame.as_ptr(), len)
+                .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(count as u64),
+        );
+        count += 1;
     }
     RING.with(|cell| {
         // A fan-out never starts another on the same thread; if one ever
@@ -111,7 +127,7 @@ pub(crate) fn send_each(
             }
         }
         let ring = slot.as_mut().expect("made above");
-        submit_and_reap(ring, sends, results);
+        submit_and_reap(ring, entries[..count].iter().flatten(), count, results);
         Ok(())
     })
 }
@@ -121,39 +137,32 @@ pub(crate) fn result(raw: i32) -> io::Result<usize> {
     usize::try_from(raw).map_err(|_| io::Error::from_raw_os_error(-raw))
 }
 
-fn submit_and_reap(
+fn submit_and_reap<'e>(
     ring: &mut io_uring::IoUring,
-    sends: &[(BorrowedFd<'_>, &[u8])],
+    entries: impl Iterator<Item = &'e io_uring::squeue::Entry>,
+    count: usize,
     results: &mut [i32],
 ) {
     {
         let mut sq = ring.submission();
-        for (i, (fd, frame)) in sends.iter().enumerate() {
-            let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
-            let entry = io_uring::opcode::Send::new(
-                io_uring::types::Fd(fd.as_raw_fd()),
-                frame.as_ptr(),
-                len,
-            )
-            .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(i as u64);
-            // SAFETY: the kernel reads `frame` and uses the descriptor only
-            // until the operation completes, and this function does not
-            // return before every operation it queued has completed (the
-            // loop below reaps one completion per entry; a failed enter is
-            // retried, anything else aborts rather than return while the
-            // kernel may still hold a pointer). Both are borrowed for the
-            // whole call, so they outlive the operations. The queue is empty
-            // on entry (every earlier call reaped all its completions) and
-            // holds MAX_BATCH entries, so the push cannot fail.
-            unsafe { sq.push(&entry) }.expect("the submission queue holds MAX_BATCH entries");
+        for entry in entries {
+            // SAFETY: the kernel reads each entry's buffer and uses its
+            // descriptor only until the operation completes, and this
+            // function does not return before every operation it queued has
+            // completed (the loop below reaps one completion per entry; a
+            // failed enter is retried, anything else aborts rather than
+            // return while the kernel may still hold a pointer). `send_each`
+            // built the entries from buffers and descriptors borrowed for
+            // its whole call, so they outlive the operations. The queue is
+            // empty on entry (every earlier call reaped all its completions)
+            // and holds MAX_BATCH entries, so the push cannot fail.
+            unsafe { sq.push(entry) }.expect("the submission queue holds MAX_BATCH entries");
         }
     }
     let mut reaped = 0;
     let mut failures = 0u32;
-    while reaped < sends.len() {
-        if let Err(e) = ring.submit_and_wait(sends.len() - reaped) {
+    while reaped < count {
+        if let Err(e) = ring.submit_and_wait(count - reaped) {
             // EINTR, and EAGAIN/EBUSY (the kernel short of memory or of
             // completion space for a moment) leave the entries to retry.
             let transient = matches!(
@@ -231,7 +240,7 @@ mod tests {
             .collect();
         sends.push((full.as_fd(), b"no room"));
         let mut results = [i32::MIN; MAX_BATCH];
-        send_each(&sends, &mut results).unwrap();
+        send_each(sends.iter().copied(), &mut results).unwrap();
         for (i, ((_, client), f)) in pairs.iter().zip(&frames).enumerate() {
             assert_eq!(results[i], f.len() as i32, "send {i}");
             let mut got = vec![0u8; f.len()];
@@ -241,7 +250,7 @@ mod tests {
         assert_eq!(results[3], -libc::EAGAIN, "the full socket");
         // The ring is reused: a second submission on the same thread works.
         let mut again = [i32::MIN; MAX_BATCH];
-        send_each(&sends[..1], &mut again).unwrap();
+        send_each(sends[..1].iter().copied(), &mut again).unwrap();
         assert_eq!(again[0], frames[0].len() as i32);
     }
 
@@ -258,7 +267,7 @@ mod tests {
         drop(client);
         // On loopback the reset has reached `server` when `drop` returns.
         let mut results = [0i32; MAX_BATCH];
-        send_each(&[(server.as_fd(), b"x")], &mut results).unwrap();
+        send_each([(server.as_fd(), &b"x"[..])].into_iter(), &mut results).unwrap();
         assert!(
             [-libc::ECONNRESET, -libc::EPIPE].contains(&results[0]),
             "result {}",

@@ -21,6 +21,19 @@ fn io_uring_disabled() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").is_ok_and(|v| v.trim() != "0")
 }
 
+/// A node that must send with io_uring, or `None` (the test is skipped)
+/// where the kernel disables it.
+async fn uring_node(adjust: impl FnOnce(&mut roomcast_edge::config::Config)) -> Option<TestNode> {
+    if io_uring_disabled() {
+        eprintln!("kernel.io_uring_disabled is set; skipping");
+        return None;
+    }
+    let mut cfg = config();
+    cfg.limits.io_uring = IoUringMode::Required;
+    adjust(&mut cfg);
+    Some(TestNode::start(cfg).await)
+}
+
 fn event_json(rooms: &[&str], kind: &str, data: Value) -> Value {
     json!({"tenant":"acme","rooms":rooms,"type":kind,"data":data})
 }
@@ -81,13 +94,9 @@ async fn next_n(c: &mut Client, proto: bool) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_room_larger_than_a_submission_gets_every_frame_in_its_format_and_order() {
-    if io_uring_disabled() {
-        eprintln!("kernel.io_uring_disabled is set; skipping");
+    let Some(node) = uring_node(|_| {}).await else {
         return;
-    }
-    let mut cfg = config();
-    cfg.limits.io_uring = IoUringMode::Required;
-    let node = TestNode::start(cfg).await;
+    };
     // 150 members: three submissions per event (64, 64, 22), JSON and
     // protobuf members alternating so every submission mixes both frames.
     const MEMBERS: usize = 150;
@@ -143,14 +152,9 @@ async fn a_room_larger_than_a_submission_gets_every_frame_in_its_format_and_orde
 /// dropping the rest of a short send fails this test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_stops_reading_gets_the_rest_later_in_order() {
-    if io_uring_disabled() {
-        eprintln!("kernel.io_uring_disabled is set; skipping");
+    let Some(node) = uring_node(|c| c.limits.outbound_queue_bytes = 64 << 20).await else {
         return;
-    }
-    let mut cfg = config();
-    cfg.limits.io_uring = IoUringMode::Required;
-    cfg.limits.outbound_queue_bytes = 64 << 20;
-    let node = TestNode::start(cfg).await;
+    };
     let mut readers = Vec::new();
     for i in 0..3 {
         let mut c = node.connect(&token(&format!("r{i}"), "acme", &["1"])).await;
@@ -191,13 +195,9 @@ async fn a_member_that_stops_reading_gets_the_rest_later_in_order() {
 /// version did, deadlocks and fails this test.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_fan_outs_into_rooms_in_opposite_orders_never_deadlock() {
-    if io_uring_disabled() {
-        eprintln!("kernel.io_uring_disabled is set; skipping");
+    let Some(node) = uring_node(|_| {}).await else {
         return;
-    }
-    let mut cfg = config();
-    cfg.limits.io_uring = IoUringMode::Required;
-    let node = TestNode::start(cfg).await;
+    };
     const MEMBERS: usize = 140;
     const EVENTS: u64 = 100;
     let rooms = ["team:1", "team:2", "team:3", "team:4"];

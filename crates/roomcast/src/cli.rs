@@ -33,16 +33,6 @@ fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
-fn parse_io_uring(s: &str) -> Result<roomcast_edge::config::IoUringMode, String> {
-    use roomcast_edge::config::IoUringMode;
-    match s {
-        "auto" => Ok(IoUringMode::Auto),
-        "required" => Ok(IoUringMode::Required),
-        "off" => Ok(IoUringMode::Off),
-        _ => Err("expected auto, required or off".into()),
-    }
-}
-
 #[derive(Args, Debug, Default)]
 pub(crate) struct ServeArgs {
     /// TOML config file (see docs/configuration.md); a file that fails to load is fatal.
@@ -136,7 +126,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "ROOMCAST_OUTBOUND_QUEUE_BYTES")]
     pub(crate) outbound_queue_bytes: Option<usize>,
     /// limits.io_uring: auto, required or off.
-    #[arg(long, env = "ROOMCAST_IO_URING", value_parser = parse_io_uring)]
+    #[arg(long, env = "ROOMCAST_IO_URING")]
     pub(crate) io_uring: Option<roomcast_edge::config::IoUringMode>,
     #[arg(long, env = "ROOMCAST_DRAIN_WINDOW", value_parser = parse_duration)]
     pub(crate) drain_window: Option<Duration>,
