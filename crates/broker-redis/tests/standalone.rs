@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{event, eventually, key, n_of, sink};
 use roomcast_broker::{Broker, BrokerError, HistoryCap};
-use roomcast_broker_redis::{RedisBroker, RedisConfig};
+use roomcast_broker_redis::{room_channel, room_stream, RedisBroker, RedisConfig, PUBLISH_SCRIPT};
 use roomcast_protocol::EventId;
 use roomcast_testkit::{query, unique_prefix, RedisServer};
 
@@ -238,4 +238,133 @@ async fn survives_a_redis_restart() {
         let (r, ev) = got_a.next().await;
         assert_eq!((r.room.as_str(), n_of(&ev)), (room_name, n));
     }
+}
+
+/// Runs the publish script for `room` as any publisher would, with its own
+/// caps; returns the id Redis gave the entry.
+async fn run_script(
+    url: &str,
+    prefix: &str,
+    room: &roomcast_protocol::RoomKey,
+    id: &str,
+    (max_len, slack, max_age_ms): (u64, u64, u64),
+) -> String {
+    let stream = room_stream(prefix, room);
+    let mark = format!("{}:t", stream.strip_suffix(":h").expect("stream name"));
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(PUBLISH_SCRIPT)
+        .arg(3)
+        .arg(&stream)
+        .arg(room_channel(prefix, room))
+        .arg(mark)
+        .arg(id)
+        .arg(r#"{"v":1,"tenant":"acme","rooms":["team:1"],"type":"t","data":{}}"#)
+        .arg(max_len)
+        .arg(slack)
+        .arg(max_age_ms)
+        .arg("PUBLISH");
+    query(url, &cmd).await
+}
+
+async fn stream_ids(url: &str, prefix: &str, room: &roomcast_protocol::RoomKey) -> Vec<String> {
+    type Entry = (String, Vec<(String, Vec<u8>)>);
+    let entries: Vec<Entry> = query(
+        url,
+        redis::cmd("XRANGE")
+            .arg(room_stream(prefix, room))
+            .arg("-")
+            .arg("+"),
+    )
+    .await;
+    entries.into_iter().map(|(id, _)| id).collect()
+}
+
+#[tokio::test]
+async fn age_trimming_removes_only_old_entries_and_marks_the_newest_of_them() {
+    let server = RedisServer::start().await;
+    let cfg = config(&server);
+    let (url, prefix) = (server.url(), cfg.prefix.clone());
+    let (s, _got) = sink();
+    let broker = RedisBroker::connect(cfg, s).await.unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let recent = now_ms - 1_000;
+    let no_age = (100, 0, 0);
+    let one_minute = (100, 0, 60_000);
+
+    // Entries from 1970 next to entries of a second ago, added without an
+    // age cap; then publishes with a one-minute cap.
+    let room = key("acme", "team:1");
+    for id in ["1000-1", "2000-1", "3000-1"] {
+        run_script(url, &prefix, &room, id, no_age).await;
+    }
+    for seq in [1, 2] {
+        run_script(url, &prefix, &room, &format!("{recent}-{seq}"), no_age).await;
+    }
+    let since = |id: &str| id.parse::<EventId>().unwrap();
+    assert!(
+        broker
+            .history_since(&room, EventId::ZERO, 10)
+            .await
+            .unwrap()
+            .recovered
+    );
+
+    let fresh = run_script(url, &prefix, &room, "*", one_minute).await;
+    let kept = vec![format!("{recent}-1"), format!("{recent}-2"), fresh.clone()];
+    assert_eq!(stream_ids(url, &prefix, &room).await, kept);
+    let h = broker
+        .history_since(&room, since("3000-1"), 10)
+        .await
+        .unwrap();
+    assert!(h.recovered, "the newest trimmed id is the mark");
+    assert_eq!(h.events.len(), 3);
+    assert!(
+        !broker
+            .history_since(&room, since("2000-1"), 10)
+            .await
+            .unwrap()
+            .recovered
+    );
+
+    // Nothing old left: the next publish removes nothing, the mark stays.
+    let next = run_script(url, &prefix, &room, "*", one_minute).await;
+    assert_eq!(stream_ids(url, &prefix, &room).await.len(), 4);
+    assert!(
+        broker
+            .history_since(&room, since("3000-1"), 10)
+            .await
+            .unwrap()
+            .recovered
+    );
+    assert!(next > fresh);
+
+    // Length and age trims in one publish: the length trim takes the four
+    // oldest, the age trim the other two old ones, whose newest is the mark.
+    let room = key("acme", "team:2");
+    for ms in 1..=6 {
+        run_script(url, &prefix, &room, &format!("{ms}000-0"), no_age).await;
+    }
+    run_script(url, &prefix, &room, &format!("{recent}-0"), no_age).await;
+    let last = run_script(url, &prefix, &room, "*", (5, 0, 60_000)).await;
+    assert_eq!(
+        stream_ids(url, &prefix, &room).await,
+        vec![format!("{recent}-0"), last]
+    );
+    assert!(
+        broker
+            .history_since(&room, since("6000-0"), 10)
+            .await
+            .unwrap()
+            .recovered
+    );
+    assert!(
+        !broker
+            .history_since(&room, since("5000-0"), 10)
+            .await
+            .unwrap()
+            .recovered
+    );
 }
