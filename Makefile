@@ -57,12 +57,12 @@ bench-tool: build test-deps
 ## Every scenario of the tool at toy scale against a debug node, judged only on loss
 ## (--check): keeps the tool building and running. Its figures mean nothing; `make bench` measures.
 SMOKE_ARGS := --conns 400 --rooms 20 --rate 4000 --secs 1 --per-worker 200 --idle-conns 300 \
-	--sweep 2000 --sweep-secs 1 --check
+	--sweep 2000 --sweep-secs 1 --publish-rates 500 --check
 bench-smoke: test-deps
 	$(CARGO) build -p roomcast
 	cd loadtest/bench && $(CARGO) build
 	loadtest/bench/target/debug/roomcast-bench run idle connect-storm fanout floor broadcast sweep \
-		floor-sweep --server-bin target/debug/roomcast $(SMOKE_ARGS)
+		floor-sweep redis-publish --server-bin target/debug/roomcast $(SMOKE_ARGS)
 	$(MAKE) peer-deps
 	loadtest/bench/target/debug/roomcast-bench run fanout --peer socketio \
 		--server-bin target/debug/roomcast $(SMOKE_ARGS)
@@ -72,7 +72,7 @@ bench-smoke: test-deps
 	else echo "io_uring disabled on this kernel: skipping the floor probe's io_uring smoke"; fi
 
 ## The standard set (idle, connect-storm, fanout + floor, broadcast, rate sweeps of the nodes
-## and of the floor probe), a few minutes.
+## and of the floor probe, Redis's cost per publish), a few minutes.
 bench: bench-tool
 	$(BENCH) run --server-bin target/release/roomcast --json target/bench.json $(BENCH_ARGS)
 

@@ -8,6 +8,7 @@ mod floor;
 mod poller;
 mod procs;
 mod publish;
+mod redis_publish;
 mod scenarios;
 mod worker;
 
@@ -26,7 +27,8 @@ struct Cli {
 #[derive(Subcommand)]
 #[allow(clippy::large_enum_variant)] // parsed once, at start
 enum Cmd {
-    /// Run scenarios: idle, connect-storm, fanout, floor, broadcast, sweep, cluster
+    /// Run scenarios: idle, connect-storm, fanout, floor, broadcast, sweep, floor-sweep,
+    /// redis-publish, cluster
     /// (default: the standard set, everything but cluster).
     Run(Opts),
     /// Internal: a load-generator worker process.
@@ -80,6 +82,9 @@ pub struct Opts {
     /// sweep: measured seconds per step.
     #[arg(long, default_value_t = 5.0)]
     pub sweep_secs: f64,
+    /// redis-publish: publishes/s per step (comma-separated), `--sweep-secs` each.
+    #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
+    pub publish_rates: Vec<f64>,
     /// idle and connect-storm: connections to one node.
     #[arg(long, default_value_t = 15_000)]
     pub idle_conns: usize,

@@ -67,6 +67,69 @@ async fn roundtrip(s: &mut TcpStream, args: &[&[u8]]) -> Result<Vec<u8>> {
     }
 }
 
+/// Every room's stream, channel and trim mark (docs/redis.md).
+pub fn room_keys(rooms: usize) -> Vec<[String; 3]> {
+    (0..rooms)
+        .map(|r| {
+            let tag = format!("{PREFIX}{{{TENANT}/{}}}", room_name(r));
+            [format!("{tag}:h"), format!("{tag}:c"), format!("{tag}:t")]
+        })
+        .collect()
+}
+
+/// Most entries a room's history keeps: the server's default `max_len`.
+pub const HISTORY_CAP: usize = 1000;
+
+/// One EVALSHA of the publish script with the server's default caps
+/// (1000 entries, slack 125, one hour).
+pub fn encode_script_call(out: &mut Vec<u8>, sha: &str, keys: &[String; 3], envelope: &[u8]) {
+    let [h, c, tm] = keys;
+    encode(
+        out,
+        &[
+            b"EVALSHA",
+            sha.as_bytes(),
+            b"3",
+            h.as_bytes(),
+            c.as_bytes(),
+            tm.as_bytes(),
+            b"*",
+            envelope,
+            HISTORY_CAP.to_string().as_bytes(),
+            (HISTORY_CAP / 8).to_string().as_bytes(),
+            b"3600000",
+            b"PUBLISH",
+        ],
+    );
+}
+
+/// Writes `cmds` (encoded, `count` of them) and reads their replies;
+/// returns how many were errors and the first error's text.
+pub async fn pipeline(
+    s: &mut TcpStream,
+    cmds: &[u8],
+    count: usize,
+) -> Result<(usize, Option<String>)> {
+    s.write_all(cmds).await?;
+    let (mut buf, mut got, mut errors, mut first) = (Vec::new(), 0, 0, None);
+    while got < count {
+        if s.read_buf(&mut buf).await? == 0 {
+            bail!("redis closed");
+        }
+        let mut pos = 0;
+        while let Some((used, err, _)) = parse_reply(&buf[pos..]) {
+            pos += used;
+            got += 1;
+            if let Some(e) = err {
+                errors += 1;
+                first.get_or_insert(e);
+            }
+        }
+        buf.drain(..pos);
+    }
+    Ok((errors, first))
+}
+
 /// Loads the publish script; returns its sha.
 pub async fn load_script(addr: &str) -> Result<String> {
     let mut s = TcpStream::connect(addr).await?;
@@ -188,12 +251,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut out = Vec::with_capacity(64 * 1024);
-    let names: Vec<[String; 3]> = (0..sizes.len())
-        .map(|r| {
-            let tag = format!("{PREFIX}{{{TENANT}/{}}}", room_name(r));
-            [format!("{tag}:h"), format!("{tag}:c"), format!("{tag}:t")]
-        })
-        .collect();
+    let names = room_keys(sizes.len());
     while rep.published < total {
         tick.tick().await;
         let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
@@ -217,24 +275,7 @@ pub async fn run(
                 t / 1_000_000,
                 *seq
             );
-            let [h, c, tm] = &names[r];
-            encode(
-                &mut out,
-                &[
-                    b"EVALSHA",
-                    sha.as_bytes(),
-                    b"3",
-                    h.as_bytes(),
-                    c.as_bytes(),
-                    tm.as_bytes(),
-                    b"*",
-                    env.as_bytes(),
-                    b"1000",
-                    b"125",
-                    b"3600000",
-                    b"PUBLISH",
-                ],
-            );
+            encode_script_call(&mut out, sha, &names[r], env.as_bytes());
             rep.expected += sizes[r];
             rep.published += 1;
         }

@@ -65,6 +65,9 @@ pub struct Row {
     /// over `roomcast_deliveries_total`); absent for a server without them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_write_pct: Option<f64>,
+    /// redis-publish: Redis CPU per publish, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_us_per_publish: Option<f64>,
     pub note: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub per_node: Vec<NodeFigures>,
@@ -970,6 +973,7 @@ pub async fn run(mut opts: Opts) -> Result<()> {
             "broadcast",
             "sweep",
             "floor-sweep",
+            "redis-publish",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -983,6 +987,7 @@ pub async fn run(mut opts: Opts) -> Result<()> {
         "broadcast",
         "sweep",
         "floor-sweep",
+        "redis-publish",
         "cluster",
     ];
     for s in &opts.scenarios {
@@ -1126,6 +1131,25 @@ pub async fn run(mut opts: Opts) -> Result<()> {
         .await;
         c.teardown().await;
         rows.push(res?);
+    }
+    if want("redis-publish") {
+        eprintln!(
+            "== redis-publish: {} rooms, Redis alone, 2 subscribers",
+            opts.rooms
+        );
+        let (redis, addr) = start_redis(&env).await?;
+        let res = crate::redis_publish::run(
+            &addr,
+            redis.pid,
+            opts.rooms,
+            &opts.publish_rates,
+            opts.sweep_secs,
+            &mut rng,
+            &mut seq,
+        )
+        .await;
+        redis.kill().await;
+        rows.extend(res?);
     }
     if want("cluster") {
         eprintln!(
