@@ -85,6 +85,10 @@ pub struct Opts {
     /// redis-publish: publishes/s per step (comma-separated), `--sweep-secs` each.
     #[arg(long, default_value = "1000,10000", value_delimiter = ',')]
     pub publish_rates: Vec<f64>,
+    /// redis-publish: connections subscribed to every room's channel, each
+    /// standing in for a node with members in every room.
+    #[arg(long, default_value_t = 2)]
+    pub publish_subscribers: u64,
     /// idle and connect-storm: connections to one node.
     #[arg(long, default_value_t = 15_000)]
     pub idle_conns: usize,

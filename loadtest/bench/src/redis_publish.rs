@@ -1,8 +1,8 @@
 //! The `redis-publish` scenario: what one publish costs Redis, the figure a
 //! Redis shard is sized by. Every room's history stream is filled to its
 //! cap first, since that is where a running cluster's streams sit (a fresh
-//! stream makes the trimming look cheaper than it is). Two subscriber
-//! connections stand in for two nodes; no nodes, no clients, so Redis's
+//! stream makes the trimming look cheaper than it is). Subscriber
+//! connections (`--publish-subscribers`, default 2) stand in for nodes; no nodes, no clients, so Redis's
 //! CPU in the window is the publish path alone: the script, the channel
 //! messages to the subscribers and the replies to the publisher.
 
@@ -17,9 +17,8 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::common::{busy_pct, cpu_of, machine_jiffies, Peer, Rng};
 use crate::publish::{self, encode_script_call, room_keys, HISTORY_CAP};
-use crate::scenarios::Row;
-
-const SUBSCRIBERS: u64 = 2;
+use crate::scenarios::{busy_cpu_s, Row};
+use crate::Opts;
 
 /// One RESP array at the start of `b` (bulk strings and integers only, what
 /// a subscribed connection receives): bytes used, and whether it is a
@@ -123,17 +122,16 @@ async fn fill(addr: &str, sha: &str, keys: &[[String; 3]]) -> Result<()> {
     Ok(())
 }
 
-/// Runs one step per rate of `rates` (publishes/s, `secs` each) against the
-/// Redis at `addr` (process `redis_pid`); one row per step.
+/// Runs one step per `--publish-rates` rate (publishes/s, `--sweep-secs`
+/// each) against the Redis at `addr` (process `redis_pid`); one row per step.
 pub async fn run(
     addr: &str,
     redis_pid: u32,
-    rooms: usize,
-    rates: &[f64],
-    secs: f64,
+    opts: &Opts,
     rng: &mut Rng,
     seq: &mut u64,
 ) -> Result<Vec<Row>> {
+    let (rooms, subscribers, secs) = (opts.rooms, opts.publish_subscribers, opts.sweep_secs);
     let sha = publish::load_script(addr).await?;
     let keys = room_keys(rooms);
     let t = Instant::now();
@@ -145,7 +143,7 @@ pub async fn run(
     let received = Arc::new(Received::default());
     let mut tasks = Vec::new();
     let mut readies = Vec::new();
-    for _ in 0..SUBSCRIBERS {
+    for _ in 0..subscribers {
         let (tx, rx) = oneshot::channel();
         let (addr, keys, received) = (addr.to_owned(), keys.clone(), received.clone());
         tasks.push(tokio::spawn(async move {
@@ -161,10 +159,12 @@ pub async fn run(
     }
     let count = || received.messages.load(Ordering::Relaxed);
     let mut rows = Vec::new();
-    for &rate in rates {
+    for &rate in &opts.publish_rates {
         let before = count();
-        let (cpu0, m0) = (cpu_of(redis_pid), machine_jiffies());
-        let sizes = vec![SUBSCRIBERS; rooms];
+        let me = std::process::id();
+        let (cpu0, me0) = (cpu_of(redis_pid), cpu_of(me));
+        let (m0, t0) = (machine_jiffies(), Instant::now());
+        let sizes = vec![subscribers; rooms];
         let rep = publish::run(addr, Peer::Roomcast, &sha, &sizes, rate, secs, 0, rng, seq)
             .await
             .context("publishing")?;
@@ -178,26 +178,33 @@ pub async fn run(
                 break;
             }
         }
-        let (cpu1, m1) = (cpu_of(redis_pid), machine_jiffies());
+        let (cpu1, me1, m1) = (cpu_of(redis_pid), cpu_of(me), machine_jiffies());
+        // Until the last channel message, not the last write: a Redis that
+        // cannot keep up queues the publishes in its socket buffer.
+        let window_s = t0.elapsed().as_secs_f64();
         let redis_cpu = (cpu1.0 - cpu0.0) + (cpu1.1 - cpu0.1);
+        let publisher_cpu = (me1.0 - me0.0) + (me1.1 - me0.1);
+        let other = (busy_cpu_s(m0, m1) - redis_cpu - publisher_cpu).max(0.0);
         let published = rep.published as f64;
         let (busy, steal) = busy_pct(m0, m1);
         let us_per_publish = 1e6 * redis_cpu / published.max(1.0);
         rows.push(Row {
             scenario: format!("redis-publish {}k", rate / 1000.0),
             rooms,
-            publishes_per_s: published / rep.elapsed_s.max(1e-9),
-            deliveries_per_s: (count() - before) as f64 / rep.elapsed_s.max(1e-9),
+            publishes_per_s: published / window_s,
+            deliveries_per_s: (count() - before) as f64 / window_s,
             delivered: count() - before,
             expected,
             redis_cpu_s: redis_cpu,
             publish_errors: rep.errors,
             machine_busy_pct: busy,
             machine_steal_pct: steal,
+            gen_cpu_s: publisher_cpu,
+            other_cpu_s: other,
             redis_us_per_publish: Some(us_per_publish),
             note: format!(
                 "{us_per_publish:.1} µs of Redis CPU per publish (streams at their \
-                 {HISTORY_CAP}-entry cap, {SUBSCRIBERS} subscribers): {:.0} publishes/s \
+                 {HISTORY_CAP}-entry cap, {subscribers} subscribers): {:.0} publishes/s \
                  per Redis core{}",
                 1e6 / us_per_publish.max(1e-9),
                 rep.first_error

@@ -439,7 +439,7 @@ fn fill_latency(row: &mut Row, h: &Histogram<u64>) {
     row.max_ms = ms(h.max());
 }
 
-fn busy_cpu_s(a: (u64, u64, u64), b: (u64, u64, u64)) -> f64 {
+pub(crate) fn busy_cpu_s(a: (u64, u64, u64), b: (u64, u64, u64)) -> f64 {
     #[allow(unsafe_code)]
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
@@ -1134,20 +1134,11 @@ pub async fn run(mut opts: Opts) -> Result<()> {
     }
     if want("redis-publish") {
         eprintln!(
-            "== redis-publish: {} rooms, Redis alone, 2 subscribers",
-            opts.rooms
+            "== redis-publish: {} rooms, Redis alone, {} subscribers",
+            opts.rooms, opts.publish_subscribers
         );
         let (redis, addr) = start_redis(&env).await?;
-        let res = crate::redis_publish::run(
-            &addr,
-            redis.pid,
-            opts.rooms,
-            &opts.publish_rates,
-            opts.sweep_secs,
-            &mut rng,
-            &mut seq,
-        )
-        .await;
+        let res = crate::redis_publish::run(&addr, redis.pid, &opts, &mut rng, &mut seq).await;
         redis.kill().await;
         rows.extend(res?);
     }
