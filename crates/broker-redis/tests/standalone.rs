@@ -303,42 +303,31 @@ async fn age_trimming_removes_only_old_entries_and_marks_the_newest_of_them() {
     for seq in [1, 2] {
         run_script(url, &prefix, &room, &format!("{recent}-{seq}"), no_age).await;
     }
-    let since = |id: &str| id.parse::<EventId>().unwrap();
-    assert!(
+    let recovered = async |room: &roomcast_protocol::RoomKey, since: &str| {
+        let since = since.parse::<EventId>().unwrap();
         broker
-            .history_since(&room, EventId::ZERO, 10)
+            .history_since(room, since, 10)
             .await
             .unwrap()
             .recovered
-    );
+    };
+    assert!(recovered(&room, "0-0").await, "nothing trimmed yet");
 
     let fresh = run_script(url, &prefix, &room, "*", one_minute).await;
     let kept = vec![format!("{recent}-1"), format!("{recent}-2"), fresh.clone()];
     assert_eq!(stream_ids(url, &prefix, &room).await, kept);
     let h = broker
-        .history_since(&room, since("3000-1"), 10)
+        .history_since(&room, "3000-1".parse().unwrap(), 10)
         .await
         .unwrap();
     assert!(h.recovered, "the newest trimmed id is the mark");
     assert_eq!(h.events.len(), 3);
-    assert!(
-        !broker
-            .history_since(&room, since("2000-1"), 10)
-            .await
-            .unwrap()
-            .recovered
-    );
+    assert!(!recovered(&room, "2000-1").await);
 
     // Nothing old left: the next publish removes nothing, the mark stays.
     let next = run_script(url, &prefix, &room, "*", one_minute).await;
     assert_eq!(stream_ids(url, &prefix, &room).await.len(), 4);
-    assert!(
-        broker
-            .history_since(&room, since("3000-1"), 10)
-            .await
-            .unwrap()
-            .recovered
-    );
+    assert!(recovered(&room, "3000-1").await);
     assert!(next > fresh);
 
     // Length and age trims in one publish: the length trim takes the four
@@ -353,18 +342,6 @@ async fn age_trimming_removes_only_old_entries_and_marks_the_newest_of_them() {
         stream_ids(url, &prefix, &room).await,
         vec![format!("{recent}-0"), last]
     );
-    assert!(
-        broker
-            .history_since(&room, since("6000-0"), 10)
-            .await
-            .unwrap()
-            .recovered
-    );
-    assert!(
-        !broker
-            .history_since(&room, since("5000-0"), 10)
-            .await
-            .unwrap()
-            .recovered
-    );
+    assert!(recovered(&room, "6000-0").await);
+    assert!(!recovered(&room, "5000-0").await);
 }

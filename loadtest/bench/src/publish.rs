@@ -103,31 +103,42 @@ pub fn encode_script_call(out: &mut Vec<u8>, sha: &str, keys: &[String; 3], enve
     );
 }
 
-/// Writes `cmds` (encoded, `count` of them) and reads their replies;
-/// returns how many were errors and the first error's text.
-pub async fn pipeline(
-    s: &mut TcpStream,
-    cmds: &[u8],
-    count: usize,
-) -> Result<(usize, Option<String>)> {
-    s.write_all(cmds).await?;
-    let (mut buf, mut got, mut errors, mut first) = (Vec::new(), 0, 0, None);
-    while got < count {
-        if s.read_buf(&mut buf).await? == 0 {
-            bail!("redis closed");
-        }
+/// Replies counted so far on one connection.
+#[derive(Default)]
+struct Replies {
+    got: u64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+impl Replies {
+    /// Counts every complete reply at the front of `buf` and removes it.
+    fn take(&mut self, buf: &mut Vec<u8>) {
         let mut pos = 0;
         while let Some((used, err, _)) = parse_reply(&buf[pos..]) {
             pos += used;
-            got += 1;
+            self.got += 1;
             if let Some(e) = err {
-                errors += 1;
-                first.get_or_insert(e);
+                self.errors += 1;
+                self.first_error.get_or_insert(e);
             }
         }
         buf.drain(..pos);
     }
-    Ok((errors, first))
+}
+
+/// Writes `cmds` (encoded, `count` of them) and reads their replies;
+/// returns how many were errors and the first error's text.
+pub async fn pipeline(s: &mut TcpStream, cmds: &[u8], count: u64) -> Result<(u64, Option<String>)> {
+    s.write_all(cmds).await?;
+    let (mut buf, mut replies) = (Vec::new(), Replies::default());
+    while replies.got < count {
+        if s.read_buf(&mut buf).await? == 0 {
+            bail!("redis closed");
+        }
+        replies.take(&mut buf);
+    }
+    Ok((replies.errors, replies.first_error))
 }
 
 /// Loads the publish script; returns its sha.
@@ -226,25 +237,15 @@ pub async fn run(
     let (mut rd, mut wr) = s.into_split();
     let total = (rate * secs).round() as u64;
     let reader = tokio::spawn(async move {
-        let mut buf = Vec::with_capacity(64 * 1024);
-        let (mut got, mut errors, mut first) = (0u64, 0u64, None::<String>);
-        while got < total {
+        let (mut buf, mut replies) = (Vec::with_capacity(64 * 1024), Replies::default());
+        while replies.got < total {
             match rd.read_buf(&mut buf).await {
                 Ok(n) if n > 0 => {}
                 _ => break,
             }
-            let mut pos = 0;
-            while let Some((used, err, _)) = parse_reply(&buf[pos..]) {
-                pos += used;
-                got += 1;
-                if let Some(e) = err {
-                    errors += 1;
-                    first.get_or_insert(e);
-                }
-            }
-            buf.drain(..pos);
+            replies.take(&mut buf);
         }
-        (got, errors, first)
+        (replies.got, replies.errors, replies.first_error)
     });
     let mut rep = PubReport::default();
     let start = Instant::now();

@@ -114,7 +114,7 @@ async fn fill(addr: &str, sha: &str, keys: &[[String; 3]]) -> Result<()> {
         for _ in 0..HISTORY_CAP {
             encode_script_call(&mut out, sha, k, envelope);
         }
-        let (errors, first) = publish::pipeline(&mut s, &out, HISTORY_CAP).await?;
+        let (errors, first) = publish::pipeline(&mut s, &out, HISTORY_CAP as u64).await?;
         if errors > 0 {
             bail!("filling the history: {errors} errors, first: {first:?}");
         }
