@@ -321,6 +321,7 @@ check_helm_refusals() {
         "config.auth.jwt_secret=s|Additional property jwt_secret"
         "config.drain_window=1h|config.drain_window"
         "config.limits.io_uring=sometimes|must be one of the following"
+        "config.limits.max_connections=0|max_connections"
         "redis.url=redis://:pw@redis:6379|redis.url"
         "redis.mode=memory|redis.mode=memory"
         "terminationGracePeriodSeconds=10|shorter than"

@@ -44,6 +44,33 @@ SPECIAL = {
     },
     # A node refuses any other value; the chart should say so before the pod starts.
     ("limits", "io_uring"): {"type": "string", "enum": ["auto", "required", "off"]},
+    # Checked by the node only while broadcast_cap > 0 (the default), where it
+    # must be a percentage; outside that it means nothing.
+    ("dialects", "seed004", "batch_at_percent"): {"type": "integer", "minimum": 1, "maximum": 100},
+}
+# The smallest value a node accepts for an integer, where that is more than 0
+# (Config::validate and the dialects' settings); the other integers take 0. A
+# Rust test (crates/edge/tests/config_docs.rs) tries each integer of the schema
+# at its minimum and one below, so this table cannot drift from the node.
+MINIMUM = {
+    ("limits", "max_connections"): 1,
+    ("limits", "listen_backlog"): 1,
+    ("limits", "max_message_bytes"): 128,
+    ("limits", "rate_messages"): 1,
+    ("limits", "outbound_queue_frames"): 1,
+    ("limits", "outbound_queue_bytes"): 1,
+    ("publish", "max_in_flight"): 1,
+    ("dialects", "seed001", "user_messages_per_window"): 1,
+    ("dialects", "seed001", "tenant_messages_per_window"): 1,
+    ("dialects", "seed001", "connection_messages_per_window"): 1,
+    ("dialects", "seed001", "max_subscriptions"): 1,
+    ("dialects", "seed001", "activity_max_events"): 1,
+    ("dialects", "seed001", "max_message_bytes"): 128,
+    ("dialects", "seed003", "max_payload_bytes"): 64,
+    ("dialects", "seed004", "rate_messages"): 1,
+    ("dialects", "seed004", "rate_strikes"): 1,
+    ("dialects", "seed004", "max_connections"): 1,
+    ("dialects", "seed004", "max_subscriptions"): 1,
 }
 
 
@@ -91,7 +118,7 @@ def schema_for(value, path, docs):
     if isinstance(value, bool):
         s = {"type": "boolean"}
     elif isinstance(value, int):
-        s = {"type": "integer", "minimum": 0}
+        s = {"type": "integer", "minimum": MINIMUM.get(path, 0)}
     elif isinstance(value, float):
         s = {"type": "number"}
     elif isinstance(value, str):

@@ -442,6 +442,12 @@ impl Config {
         if self.publish.api_keys.iter().any(|k| k.len() < 16) {
             return err("publish.api_keys must be at least 16 characters each");
         }
+        // Every dialect's settings, enabled or not: a file that would fail
+        // only once someone enables a dialect fails now, at the same place.
+        let d = &self.dialects;
+        d.seed001.validate()?;
+        d.seed003.validate()?;
+        d.seed004.validate()?;
         Ok(())
     }
 }

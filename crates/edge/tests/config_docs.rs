@@ -64,3 +64,68 @@ fn example_config_spells_out_every_field() {
         "docs/roomcast.example.toml leaves out {missing:?}; add them with their defaults"
     );
 }
+
+/// Every integer the chart's schema lists, with the minimum it gives.
+fn schema_integers(node: &serde_json::Value, path: &str, out: &mut Vec<(String, u64)>) {
+    if node["type"] == "integer" {
+        let min = node["minimum"]
+            .as_u64()
+            .expect("every integer has a minimum");
+        out.push((path.to_owned(), min));
+    }
+    if let Some(props) = node["properties"].as_object() {
+        for (key, child) in props {
+            let child_path = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            schema_integers(child, &child_path, out);
+        }
+    }
+}
+
+/// The defaults with `path` set to `value`, checked as a node checks it.
+fn validate_with(path: &str, value: u64) -> Result<(), String> {
+    let mut doc = toml::Value::try_from(Config::default()).unwrap();
+    let (parents, key) = path.rsplit_once('.').unwrap_or(("", path));
+    let mut table = &mut doc;
+    for part in parents.split('.').filter(|p| !p.is_empty()) {
+        table = table
+            .get_mut(part)
+            .unwrap_or_else(|| panic!("{path}: no table {part}"));
+    }
+    table
+        .as_table_mut()
+        .unwrap()
+        .insert(key.into(), toml::Value::Integer(value as i64));
+    let mut config: Config = doc.try_into().map_err(|e| format!("does not parse: {e}"))?;
+    config.auth.jwt_secret = Some("a-secret-long-enough-for-hs256-0123".into());
+    config.validate().map_err(|e| e.to_string())
+}
+
+/// helm/roomcast/values.schema.json (deploy/lib/values_schema.py) must
+/// refuse exactly the integers a node refuses: each at its minimum passes,
+/// one below fails.
+#[test]
+fn the_chart_schema_minimums_are_the_nodes() {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../helm/roomcast/values.schema.json");
+    let schema: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut integers = Vec::new();
+    schema_integers(&schema["properties"]["config"], "", &mut integers);
+    assert!(integers.len() > 10, "found {integers:?}");
+    for (key, min) in integers {
+        if let Err(e) = validate_with(&key, min) {
+            panic!("{key} = {min} (the schema's minimum) is refused by the node: {e}");
+        }
+        if min > 0 {
+            assert!(
+                validate_with(&key, min - 1).is_err(),
+                "{key} = {} is accepted by the node, but the schema's minimum is {min}",
+                min - 1
+            );
+        }
+    }
+}

@@ -105,7 +105,7 @@ impl Default for Settings {
 }
 
 impl Settings {
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let err = |m: &str| Err(ConfigError(format!("dialects.seed001.{m}")));
         if self.user_messages_per_window == 0
             || self.tenant_messages_per_window == 0

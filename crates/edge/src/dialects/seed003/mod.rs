@@ -111,7 +111,7 @@ impl Default for Settings {
 }
 
 impl Settings {
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let err = |m: &str| Err(ConfigError(format!("dialects.seed003.{m}")));
         if !self.path.starts_with('/') || !self.path.ends_with('/') {
             return err("path must start and end with /");

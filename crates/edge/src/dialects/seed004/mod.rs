@@ -145,6 +145,30 @@ impl Drop for Slot {
     }
 }
 
+impl Settings {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: &str| Err(ConfigError(format!("dialects.seed004: {m}")));
+        if self.ping_interval.is_zero()
+            || self.pong_timeout.is_zero()
+            || self.revalidate_interval.is_zero()
+        {
+            return err("ping_interval, pong_timeout and revalidate_interval must be positive");
+        }
+        if self.rate_messages == 0 || self.rate_window.is_zero() || self.rate_strikes == 0 {
+            return err("rate_messages, rate_window and rate_strikes must be positive");
+        }
+        if self.max_connections == 0 || self.max_subscriptions == 0 {
+            return err("max_connections and max_subscriptions must be at least 1");
+        }
+        if self.broadcast_cap > 0
+            && (!(1..=100).contains(&self.batch_at_percent) || self.batch_window.is_zero())
+        {
+            return err("batch_at_percent must be 1-100 and batch_window positive");
+        }
+        Ok(())
+    }
+}
+
 /// The seed 004 dialect.
 pub(crate) struct Seed004 {
     settings: Arc<Settings>,
@@ -160,22 +184,7 @@ impl Seed004 {
         slots: &mut crate::dialects::Slots,
     ) -> Result<Self, ConfigError> {
         let s = config.dialects.seed004.clone();
-        let err = |m: &str| Err(ConfigError(format!("dialects.seed004: {m}")));
-        if s.ping_interval.is_zero() || s.pong_timeout.is_zero() || s.revalidate_interval.is_zero()
-        {
-            return err("ping_interval, pong_timeout and revalidate_interval must be positive");
-        }
-        if s.rate_messages == 0 || s.rate_window.is_zero() || s.rate_strikes == 0 {
-            return err("rate_messages, rate_window and rate_strikes must be positive");
-        }
-        if s.max_connections == 0 || s.max_subscriptions == 0 {
-            return err("max_connections and max_subscriptions must be at least 1");
-        }
-        if s.broadcast_cap > 0
-            && (!(1..=100).contains(&s.batch_at_percent) || s.batch_window.is_zero())
-        {
-            return err("batch_at_percent must be 1-100 and batch_window positive");
-        }
+        s.validate()?;
         let check = SessionCheck::new(config, &s)?;
         // One count per node, shared by both renderers.
         let rate = (s.broadcast_cap > 0)
