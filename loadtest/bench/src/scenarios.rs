@@ -1231,9 +1231,9 @@ fn print_table(
         took.as_secs_f64()
     );
     println!(
-        "{:<14} {:>5} {:>6} {:>5} {:>8} {:>10} {:>19} {:>7} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8} {:>7} {:>8} {:>5} {:>6}  note",
+        "{:<14} {:>5} {:>6} {:>5} {:>8} {:>10} {:>19} {:>7} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8} {:>7} {:>8} {:>5} {:>6} {:>6}  note",
         "scenario", "nodes", "conns", "rooms", "pub/s", "deliv/s", "delivered/expected", "p50ms", "p90ms",
-        "p99ms", "p999ms", "maxms", "nodeCPU usr+sys", "CPU-s/M", "redis/M", "gen CPU", "busy%", "other"
+        "p99ms", "p999ms", "maxms", "nodeCPU usr+sys", "CPU-s/M", "redis/M", "gen CPU", "busy%", "steal%", "other"
     );
     let dash = |v: f64, p: usize| {
         if v == 0.0 {
@@ -1260,11 +1260,13 @@ fn print_table(
             String::new()
         };
         println!(
-            "{:<14} {:>5} {:>6} {:>5} {:>8} {:>10} {:>19} {:>7} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8} {:>7} {:>8} {:>5} {:>6}  {}{closed}{errors}",
+            "{:<14} {:>5} {:>6} {:>5} {:>8} {:>10} {:>19} {:>7} {:>7} {:>7} {:>7} {:>7} {:>15} {:>8} {:>7} {:>8} {:>5} {:>6} {:>6}  {}{closed}{errors}",
             r.scenario, r.nodes, r.conns, r.rooms, dash(r.publishes_per_s, 0), dash(r.deliveries_per_s, 0), de,
             dash(r.p50_ms, 2), dash(r.p90_ms, 2), dash(r.p99_ms, 2), dash(r.p999_ms, 2), dash(r.max_ms, 2),
             cpu, dash(r.node_cpu_s_per_m, 2),
-            dash(r.redis_cpu_s_per_m, 2), dash(r.gen_cpu_s, 2), dash(r.machine_busy_pct, 0), dash(r.other_cpu_s, 2),
+            dash(r.redis_cpu_s_per_m, 2), dash(r.gen_cpu_s, 2), dash(r.machine_busy_pct, 0),
+            // Time the host took the vCPUs away: a slow-state run (docs/performance.md, runs 28-30).
+            dash(r.machine_steal_pct, 1), dash(r.other_cpu_s, 2),
             r.note,
         );
     }
