@@ -1270,16 +1270,31 @@ fn print_table(
             r.note,
         );
     }
-    for (label, summary) in [
-        ("sweep", sweep),
-        ("floor-sweep (the floor probe, same clients)", floor_sweep),
+    for (label, prefix, summary) in [
+        ("sweep", "sweep ", sweep),
+        (
+            "floor-sweep (the floor probe, same clients)",
+            "floor-sweep ",
+            floor_sweep,
+        ),
     ] {
+        // A host that takes the vCPUs away fails steps a quiet one passes.
+        let steal = rows
+            .iter()
+            .filter(|r| r.scenario.starts_with(prefix))
+            .map(|r| r.machine_steal_pct)
+            .fold(0.0, f64::max);
+        let steal = if steal > 2.0 {
+            format!(" [steal up to {steal:.0}% in its steps: the host's slow state, see docs/performance.md]")
+        } else {
+            String::new()
+        };
         match summary {
             Some(Some(b)) => {
-                println!("{label}: highest rate sustained with p99 <= 10 ms and 0 loss: {b:.0} deliveries/s")
+                println!("{label}: highest rate sustained with p99 <= 10 ms and 0 loss: {b:.0} deliveries/s{steal}")
             }
             Some(None) => {
-                println!("{label}: no step passed (rate sustained, p99 <= 10 ms, 0 loss)")
+                println!("{label}: no step passed (rate sustained, p99 <= 10 ms, 0 loss){steal}")
             }
             None => {}
         }
