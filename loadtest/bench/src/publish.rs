@@ -27,7 +27,7 @@ fn encode(out: &mut Vec<u8>, args: &[&[u8]]) {
 }
 
 /// One RESP reply at the start of `b`: (bytes used, error text if an error).
-fn parse_reply(b: &[u8]) -> Option<(usize, Option<String>, Vec<u8>)> {
+pub fn parse_reply(b: &[u8]) -> Option<(usize, Option<String>, Vec<u8>)> {
     let nl = memchr::memmem::find(b, b"\r\n")?;
     let line = &b[1..nl];
     match b.first()? {
@@ -79,6 +79,9 @@ pub fn room_keys(rooms: usize) -> Vec<[String; 3]> {
 
 /// Most entries a room's history keeps: the server's default `max_len`.
 pub const HISTORY_CAP: usize = 1000;
+/// `HISTORY_CAP` and the broker's slack (`max_len / 8`) as the script's
+/// arguments, spelled out so that a publish allocates nothing for them.
+const CAP_ARGS: [&[u8]; 2] = [b"1000", b"125"];
 
 /// One EVALSHA of the publish script with the server's default caps
 /// (1000 entries, slack 125, one hour).
@@ -95,8 +98,8 @@ pub fn encode_script_call(out: &mut Vec<u8>, sha: &str, keys: &[String; 3], enve
             tm.as_bytes(),
             b"*",
             envelope,
-            HISTORY_CAP.to_string().as_bytes(),
-            (HISTORY_CAP / 8).to_string().as_bytes(),
+            CAP_ARGS[0],
+            CAP_ARGS[1],
             b"3600000",
             b"PUBLISH",
         ],
@@ -296,4 +299,18 @@ pub async fn run(
         }
     }
     Ok(rep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{CAP_ARGS, HISTORY_CAP};
+
+    #[test]
+    fn the_script_arguments_spell_the_cap() {
+        let [cap, slack] = CAP_ARGS.map(|a| std::str::from_utf8(a).unwrap().parse::<usize>());
+        assert_eq!(
+            (cap.unwrap(), slack.unwrap()),
+            (HISTORY_CAP, HISTORY_CAP / 8)
+        );
+    }
 }

@@ -2,9 +2,10 @@
 //! Redis shard is sized by. Every room's history stream is filled to its
 //! cap first, since that is where a running cluster's streams sit (a fresh
 //! stream makes the trimming look cheaper than it is). Subscriber
-//! connections (`--publish-subscribers`, default 2) stand in for nodes; no nodes, no clients, so Redis's
-//! CPU in the window is the publish path alone: the script, the channel
-//! messages to the subscribers and the replies to the publisher.
+//! connections (`--publish-subscribers`, default 2) stand in for nodes; no
+//! nodes, no clients, so Redis's CPU in the window is the publish path
+//! alone: the script, the channel messages to the subscribers and the
+//! replies to the publisher.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,36 +21,19 @@ use crate::publish::{self, encode_script_call, room_keys, HISTORY_CAP};
 use crate::scenarios::{busy_cpu_s, Row};
 use crate::Opts;
 
-/// One RESP array at the start of `b` (bulk strings and integers only, what
-/// a subscribed connection receives): bytes used, and whether it is a
-/// channel message.
+/// One RESP array at the start of `b` (what a subscribed connection
+/// receives): bytes used, and whether it is a channel message.
 fn parse_push(b: &[u8]) -> Option<(usize, bool)> {
-    fn line(b: &[u8], at: usize) -> Option<(&[u8], usize)> {
-        let nl = memchr::memmem::find(&b[at..], b"\r\n")?;
-        Some((&b[at..at + nl], at + nl + 2))
-    }
-    let (head, mut at) = line(b, 0)?;
-    let n: usize = std::str::from_utf8(head.strip_prefix(b"*")?)
+    let nl = memchr::memmem::find(b, b"\r\n")?;
+    let n: usize = std::str::from_utf8(b.strip_prefix(b"*")?.get(..nl - 1)?)
         .ok()?
         .parse()
         .ok()?;
-    let mut message = false;
+    let (mut at, mut message) = (nl + 2, false);
     for i in 0..n {
-        let (h, next) = line(b, at)?;
-        at = match h.first()? {
-            b':' => next,
-            b'$' => {
-                let len: usize = std::str::from_utf8(&h[1..]).ok()?.parse().ok()?;
-                if b.len() < next + len + 2 {
-                    return None;
-                }
-                if i == 0 {
-                    message = &b[next..next + len] == b"message";
-                }
-                next + len + 2
-            }
-            _ => return None,
-        };
+        let (used, _, element) = publish::parse_reply(&b[at..])?;
+        message |= i == 0 && element == b"message";
+        at += used;
     }
     Some((at, message))
 }
@@ -158,18 +142,18 @@ pub async fn run(
             .context("a subscriber failed")?;
     }
     let count = || received.messages.load(Ordering::Relaxed);
+    let me = std::process::id();
     let mut rows = Vec::new();
     for &rate in &opts.publish_rates {
         let before = count();
-        let me = std::process::id();
         let (cpu0, me0) = (cpu_of(redis_pid), cpu_of(me));
         let (m0, t0) = (machine_jiffies(), Instant::now());
         let sizes = vec![subscribers; rooms];
         let rep = publish::run(addr, Peer::Roomcast, &sha, &sizes, rate, secs, 0, rng, seq)
             .await
             .context("publishing")?;
-        // Replies come after the channel messages; wait for the last ones
-        // to be read, failing fast if they never come.
+        // Every reply is in; wait for the subscribers to read the last
+        // channel messages, failing fast if they never come.
         let expected = rep.expected;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while count() - before < expected {
@@ -188,12 +172,13 @@ pub async fn run(
         let published = rep.published as f64;
         let (busy, steal) = busy_pct(m0, m1);
         let us_per_publish = 1e6 * redis_cpu / published.max(1.0);
+        let delivered = count() - before;
         rows.push(Row {
             scenario: format!("redis-publish {}k", rate / 1000.0),
             rooms,
             publishes_per_s: published / window_s,
-            deliveries_per_s: (count() - before) as f64 / window_s,
-            delivered: count() - before,
+            deliveries_per_s: delivered as f64 / window_s,
+            delivered,
             expected,
             redis_cpu_s: redis_cpu,
             publish_errors: rep.errors,
