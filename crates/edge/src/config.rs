@@ -516,4 +516,13 @@ mod tests {
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("limits.listen_backlog"), "{e}");
     }
+
+    #[test]
+    fn a_disabled_dialects_settings_are_checked_too() {
+        let mut c: Config =
+            toml::from_str("[dialects.seed004]\nenabled = false\nmax_connections = 0").unwrap();
+        c.auth.jwt_secret = Some("s3cret".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("dialects.seed004"), "{e}");
+    }
 }
