@@ -28,6 +28,11 @@ use roomcast_protocol::{Event, EventId, RoomKey, RoomName};
 use crate::outbox::{DirectSend, PushError, Shared};
 use crate::session::{Session, MAX_RENDER_SLOTS};
 
+/// A fan-out's sends that may go straight to their sockets, each with its
+/// frame's renderer slot. They are flushed at one `io_uring` batch, so they
+/// always fit on the stack and an event allocates nothing for them.
+type DirectSends<'a> = smallvec::SmallVec<[(DirectSend<'a>, usize); crate::uring::MAX_BATCH]>;
+
 const SHARDS: usize = 64;
 const STRIPES: usize = 256;
 
@@ -479,11 +484,7 @@ impl Hub {
         // renderer slot; each keeps its session's later frames queued
         // behind it until it is sent.
         let batch_sends = self.io_uring && crate::uring::usable() && room.members.len() > 1;
-        let mut direct: Vec<(DirectSend<'_>, usize)> = if batch_sends {
-            Vec::with_capacity(room.members.len().min(crate::uring::MAX_BATCH))
-        } else {
-            Vec::new()
-        };
+        let mut direct = DirectSends::new();
         for session in &room.members {
             // A session in several of the event's rooms gets it through the
             // first of them only.
@@ -552,7 +553,7 @@ impl Hub {
     /// outboxes, queueing for the writers what the sockets did not take.
     fn send_direct(
         &self,
-        direct: &mut Vec<(DirectSend<'_>, usize)>,
+        direct: &mut DirectSends<'_>,
         rendered: &[Option<Rendered>; MAX_RENDER_SLOTS],
     ) {
         if direct.is_empty() {
