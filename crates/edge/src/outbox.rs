@@ -133,9 +133,16 @@ pub(crate) enum Shared<'a> {
 /// can come between the send and what follows it and a session's bytes stay
 /// in order. The socket is held too, so its descriptor cannot be closed and
 /// reused before the send.
+///
+/// One dropped without [`DirectSend::finish`] (a panic during a fan-out)
+/// closes its session with 1011 and a reconnect hint: whether the frame went
+/// out is unknown, so the client resumes from the last event it saw instead
+/// of reading on past a gap, and the session does not stall forever behind a
+/// send that never ends.
 pub(crate) struct DirectSend<'a> {
     outbox: &'a Outbox,
     socket: std::sync::Arc<tokio::net::TcpStream>,
+    finished: bool,
 }
 
 impl DirectSend<'_> {
@@ -152,10 +159,22 @@ impl DirectSend<'_> {
 
     /// Ends the send (`sent` is its result): what the socket did not take
     /// goes to the writer, ahead of what was pushed meanwhile.
-    pub(crate) fn finish(self, frame: &Bytes, sent: std::io::Result<usize>) {
+    pub(crate) fn finish(mut self, frame: &Bytes, sent: std::io::Result<usize>) {
         let mut st = self.outbox.lock();
         st.sending = false;
         self.outbox.after_send(st, frame, sent);
+        self.finished = true;
+    }
+}
+
+impl Drop for DirectSend<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        tracing::error!("a direct send was abandoned unfinished: closing its session");
+        self.outbox.lock().sending = false;
+        self.outbox.close(Disconnect::INTERNAL, false);
     }
 }
 
@@ -246,6 +265,7 @@ impl Outbox {
                 Shared::Direct(DirectSend {
                     outbox: self,
                     socket,
+                    finished: false,
                 })
             }
         }
@@ -850,6 +870,29 @@ mod tests {
             ),
             _ => panic!("expected the drain close with every frame"),
         }
+    }
+
+    /// A send dropped before its end (a panicking fan-out) must neither leave
+    /// the writer waiting for it forever nor let later frames follow a frame
+    /// that may not have gone out.
+    #[tokio::test]
+    async fn a_direct_send_dropped_unfinished_closes_its_session_for_a_resume() {
+        let (socket, peer) = socket_pair().await;
+        let o = Outbox::new(100, 1 << 20);
+        o.attach_socket(socket);
+        let Shared::Direct(send) = o.begin_shared(&Bytes::from_static(b"lost?")) else {
+            panic!("an idle outbox with a socket sends directly");
+        };
+        o.push_shared(&Bytes::from_static(b"later")).unwrap();
+        drop(send);
+        assert!(writer_woken(&o));
+        match o.take_ready() {
+            Ok(Next::Close(frames, Disconnect::INTERNAL)) => {
+                assert!(frames.is_empty(), "nothing follows the unknown frame")
+            }
+            _ => panic!("expected an internal-error close"),
+        }
+        assert!(readable_now(&peer).is_empty());
     }
 
     #[tokio::test]
