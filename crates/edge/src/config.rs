@@ -416,6 +416,10 @@ impl Config {
         if l.outbound_queue_frames == 0 || l.outbound_queue_bytes == 0 {
             return err("limits.outbound_queue_* must be positive");
         }
+        if l.max_rooms_per_session == 0 {
+            // Zero would deny every subscribe: a session could never receive.
+            return err("limits.max_rooms_per_session must be at least 1");
+        }
         match self.auth.algorithm.to_ascii_uppercase().as_str() {
             "HS256" if self.auth.jwt_secret.as_deref().unwrap_or("").is_empty() => {
                 return err("auth.jwt_secret is required with HS256 (or use --dev)")
@@ -438,6 +442,10 @@ impl Config {
         }
         if self.publish.max_in_flight == 0 || self.publish.max_delivery_lag.is_zero() {
             return err("publish.max_in_flight and publish.max_delivery_lag must be positive");
+        }
+        if self.publish.max_body_bytes < 128 {
+            // Below this even a one-room event with a tiny payload is refused (413).
+            return err("publish.max_body_bytes must be at least 128");
         }
         if self.publish.api_keys.iter().any(|k| k.len() < 16) {
             return err("publish.api_keys must be at least 16 characters each");
@@ -515,6 +523,25 @@ mod tests {
         c.auth.jwt_secret = Some("s3cret".into());
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("limits.listen_backlog"), "{e}");
+    }
+
+    /// Settings that would make a node refuse every subscribe or every
+    /// publish are a startup error, not a node that silently does nothing.
+    #[test]
+    fn limits_that_would_refuse_everything_are_refused() {
+        for (toml_text, named) in [
+            (
+                "[limits]\nmax_rooms_per_session = 0",
+                "limits.max_rooms_per_session",
+            ),
+            ("[publish]\nmax_body_bytes = 0", "publish.max_body_bytes"),
+            ("[publish]\nmax_body_bytes = 127", "publish.max_body_bytes"),
+        ] {
+            let mut c: Config = toml::from_str(toml_text).unwrap();
+            c.auth.jwt_secret = Some("s3cret".into());
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(named), "{toml_text}: {e}");
+        }
     }
 
     #[test]
