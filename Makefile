@@ -14,7 +14,8 @@ test: test-deps lint test-ops
 	$(CARGO) test --workspace --doc
 	$(MAKE) bench-smoke
 
-## Tools the tests use: a real redis-server (7+, for sharded pub/sub) and redis-cli,
+## Tools the tests use: a real redis-server (7+, for sharded pub/sub; Debian's is built
+## with TLS) and redis-cli, openssl for the TLS tests' certificates,
 ## Debian's Chromium for browser tests, the e2e npm packages, the Python protobuf client tools.
 APT_PACKAGES := redis-server redis-tools chromium
 test-deps:
@@ -23,6 +24,7 @@ test-deps:
 	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v ss >/dev/null || missing="$$missing iproute2"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing$$missing (apt-get)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

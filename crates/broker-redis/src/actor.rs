@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use roomcast_broker::Backoff;
 use tokio::io::AsyncWriteExt as _;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
@@ -59,7 +58,7 @@ struct Link {
 
 struct Conn {
     id: u64,
-    writer: OwnedWriteHalf,
+    writer: link::LinkWrite,
     reader: JoinHandle<()>,
     subscribed: HashSet<Box<[u8]>>,
     pending: HashSet<Box<[u8]>>,

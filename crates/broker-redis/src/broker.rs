@@ -13,7 +13,7 @@ use crate::config::{ConfigError, RedisConfig, RedisMode};
 use crate::link::Endpoint;
 use crate::names::Names;
 use crate::subscriber::{Shared, Subscriber};
-use crate::{history, script};
+use crate::{history, script, tls};
 
 /// The Redis broker of one node: publishes with [`crate::PUBLISH_SCRIPT`],
 /// holds one subscription per wanted room on a fixed set of connections,
@@ -41,15 +41,17 @@ impl RedisBroker {
         sink: Arc<dyn EventSink>,
     ) -> Result<Arc<RedisBroker>, BrokerError> {
         config.validate().map_err(config_error)?;
-        let commands = Commands::connect(&config)
+        let tls = tls::material(&config).map_err(config_error)?;
+        let commands = Commands::connect(&config, tls.as_ref())
             .await
             .map_err(|e| BrokerError::unavailable("connecting to redis", e))?;
+        let tls_client = tls.as_ref().map(|m| &m.client);
         let mode = match &config.mode {
             RedisMode::Standalone { url } => Mode::Standalone {
-                endpoint: Endpoint::from_url(url).map_err(config_error)?,
+                endpoint: Endpoint::from_url(url, tls_client).map_err(config_error)?,
             },
             RedisMode::Cluster { urls } => Mode::Cluster {
-                seed: Endpoint::from_url(&urls[0]).map_err(config_error)?,
+                seed: Endpoint::from_url(&urls[0], tls_client).map_err(config_error)?,
                 commands: commands.clone(),
             },
         };
@@ -180,7 +182,8 @@ pub async fn publish_direct(config: &RedisConfig, event: Event) -> Result<Publis
     config.validate().map_err(config_error)?;
     let mut one = config.clone();
     one.pool_size = 1;
-    let commands = Commands::connect(&one)
+    let tls = tls::material(config).map_err(config_error)?;
+    let commands = Commands::connect(&one, tls.as_ref())
         .await
         .map_err(|e| BrokerError::unavailable("connecting to redis", e))?;
     let sharded = matches!(config.mode, RedisMode::Cluster { .. });

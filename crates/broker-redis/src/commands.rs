@@ -12,6 +12,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, FromRedisValue, Pipeline, RedisResult};
 
 use crate::config::{RedisConfig, RedisMode};
+use crate::tls::TlsMaterial;
 
 /// Command connections of one node. Cheap to clone.
 #[derive(Clone)]
@@ -24,11 +25,17 @@ pub(crate) enum Commands {
 }
 
 impl Commands {
-    pub(crate) async fn connect(config: &RedisConfig) -> RedisResult<Commands> {
+    pub(crate) async fn connect(
+        config: &RedisConfig,
+        tls: Option<&TlsMaterial>,
+    ) -> RedisResult<Commands> {
         let t = Some(config.command_timeout);
         match &config.mode {
             RedisMode::Standalone { url } => {
-                let client = redis::Client::open(url.as_str())?;
+                let client = match tls {
+                    Some(tls) => redis::Client::build_with_tls(url.as_str(), tls.certs.clone())?,
+                    None => redis::Client::open(url.as_str())?,
+                };
                 let cfg = ConnectionManagerConfig::new()
                     .set_connection_timeout(t)
                     .set_response_timeout(t)
@@ -46,10 +53,13 @@ impl Commands {
                 })
             }
             RedisMode::Cluster { urls } => {
-                let client = ClusterClientBuilder::new(urls.iter().map(String::as_str))
+                let mut builder = ClusterClientBuilder::new(urls.iter().map(String::as_str))
                     .connection_timeout(config.command_timeout)
-                    .response_timeout(config.command_timeout)
-                    .build()?;
+                    .response_timeout(config.command_timeout);
+                if let Some(tls) = tls {
+                    builder = builder.certs(tls.certs.clone());
+                }
+                let client = builder.build()?;
                 Ok(Commands::Cluster(client.get_async_connection().await?))
             }
         }

@@ -1,5 +1,6 @@
 //! How a node reaches Redis.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use roomcast_broker::HistoryPolicy;
@@ -7,19 +8,43 @@ use roomcast_broker::HistoryPolicy;
 /// Standalone Redis or a Redis Cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedisMode {
-    /// One server (`redis://[user:pass@]host:port[/db]`). Channels use
-    /// PUBLISH/SUBSCRIBE.
+    /// One server (`redis://[user:pass@]host:port[/db]`, or `rediss://`
+    /// for TLS). Channels use PUBLISH/SUBSCRIBE.
     Standalone { url: String },
-    /// A Cluster, reached through any of these seed nodes. Channels use
+    /// A Cluster, reached through any of these seed nodes (all `redis://`
+    /// or all `rediss://`). Channels use
     /// sharded pub/sub (SPUBLISH/SSUBSCRIBE, Redis 7+), so a room's traffic
     /// stays on the shard that owns its slot.
     Cluster { urls: Vec<String> },
+}
+
+/// Certificates for `rediss://` URLs. Without `ca_file` the server's
+/// certificate is checked against the system's roots; with `cert_file` and
+/// `key_file` the node offers a client certificate (mutual TLS, Redis's
+/// `tls-auth-clients yes`). Files are PEM, read when the broker connects.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    /// CA certificates that sign the servers' certificates, instead of the
+    /// system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// The node's client certificate chain.
+    pub cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisTls {
+    fn any_set(&self) -> bool {
+        self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some()
+    }
 }
 
 /// Configuration of the Redis broker.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
     pub mode: RedisMode,
+    /// Certificates for `rediss://` (unused with `redis://`).
+    pub tls: RedisTls,
     /// Prepended to every key and channel, so several deployments (or tests)
     /// can share one Redis. Must not contain `{`, `}` or whitespace.
     pub prefix: String,
@@ -55,6 +80,7 @@ impl RedisConfig {
     pub fn new(mode: RedisMode) -> Self {
         Self {
             mode,
+            tls: RedisTls::default(),
             prefix: "rc:".to_owned(),
             history: HistoryPolicy::default(),
             exact_trim: false,
@@ -97,7 +123,42 @@ impl RedisConfig {
         if self.pool_size == 0 {
             return Err(ConfigError::PoolSize);
         }
+        let tls = self.uses_tls()?;
+        if !tls && self.tls.any_set() {
+            return Err(ConfigError::TlsWithoutRediss);
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(ConfigError::TlsCertWithoutKey);
+        }
         Ok(())
+    }
+
+    /// The URLs, whatever the mode.
+    pub(crate) fn urls(&self) -> &[String] {
+        match &self.mode {
+            RedisMode::Standalone { url } => std::slice::from_ref(url),
+            RedisMode::Cluster { urls } => urls,
+        }
+    }
+
+    /// Whether the URLs are `rediss://` (all of them, or an error).
+    pub(crate) fn uses_tls(&self) -> Result<bool, ConfigError> {
+        let mut tls = None;
+        for url in self.urls() {
+            let this = match url.split_once("://").map(|(scheme, _)| scheme) {
+                Some("redis") => false,
+                Some("rediss") => true,
+                _ => return Err(ConfigError::Scheme(url.clone())),
+            };
+            if this && url.contains('#') {
+                // redis-rs reads `#insecure` as "skip certificate checks".
+                return Err(ConfigError::TlsInsecure(url.clone()));
+            }
+            if *tls.get_or_insert(this) != this {
+                return Err(ConfigError::MixedSchemes);
+            }
+        }
+        Ok(tls.unwrap_or(false))
     }
 }
 
@@ -116,6 +177,22 @@ pub enum ConfigError {
         #[source]
         source: redis::RedisError,
     },
-    #[error("redis url `{0}`: only redis:// over TCP is supported by the subscriber")]
+    #[error("redis url `{0}`: only redis:// and rediss:// (TLS) over TCP are supported")]
     Scheme(String),
+    #[error("redis urls mix redis:// and rediss://: use one scheme for every node")]
+    MixedSchemes,
+    #[error("redis url `{0}`: a #fragment (#insecure skips certificate checks) is not supported; give the CA with broker.tls_ca_file instead")]
+    TlsInsecure(String),
+    #[error("broker.tls_* files are set but the redis url is not rediss://")]
+    TlsWithoutRediss,
+    #[error("broker.tls_cert_file and broker.tls_key_file go together")]
+    TlsCertWithoutKey,
+    #[error("redis TLS: {path}: {source}")]
+    TlsFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("redis TLS: {0}")]
+    Tls(String),
 }

@@ -8,14 +8,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncWriteExt as _, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::config::ConfigError;
 use crate::resp::{self, Frame};
 use crate::subscriber::{Batch, LinkEvent, Msg, Shared};
+use crate::tls::TlsClient;
+
+/// A link's read side: a TCP stream's, or a TLS session's.
+pub(crate) type LinkRead = Box<dyn AsyncRead + Send + Unpin>;
+/// A link's write side.
+pub(crate) type LinkWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Where a node is and how to log in to it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -24,10 +29,13 @@ pub(crate) struct Endpoint {
     pub(crate) port: u16,
     pub(crate) username: Option<String>,
     pub(crate) password: Option<String>,
+    /// Set for `rediss://`: the link speaks TLS.
+    pub(crate) tls: Option<TlsClient>,
 }
 
 impl Endpoint {
-    pub(crate) fn from_url(url: &str) -> Result<Endpoint, ConfigError> {
+    /// `tls` is the broker's TLS client, required for a `rediss://` URL.
+    pub(crate) fn from_url(url: &str, tls: Option<&TlsClient>) -> Result<Endpoint, ConfigError> {
         let info = redis::Client::open(url)
             .map_err(|source| ConfigError::Url {
                 url: url.to_owned(),
@@ -35,14 +43,19 @@ impl Endpoint {
             })?
             .get_connection_info()
             .clone();
-        let redis::ConnectionAddr::Tcp(host, port) = info.addr().clone() else {
-            return Err(ConfigError::Scheme(url.to_owned()));
+        let (host, port, tls) = match (info.addr().clone(), tls) {
+            (redis::ConnectionAddr::Tcp(host, port), _) => (host, port, None),
+            (redis::ConnectionAddr::TcpTls { host, port, .. }, Some(tls)) => {
+                (host, port, Some(tls.clone()))
+            }
+            _ => return Err(ConfigError::Scheme(url.to_owned())),
         };
         Ok(Endpoint {
             host,
             port,
             username: info.redis_settings().username().map(str::to_owned),
             password: info.redis_settings().password().map(str::to_owned),
+            tls,
         })
     }
 
@@ -63,8 +76,8 @@ impl Endpoint {
 
 /// A connected, logged-in link, not yet reading.
 pub(crate) struct Connected {
-    pub(crate) reader: BufReader<OwnedReadHalf>,
-    pub(crate) writer: OwnedWriteHalf,
+    pub(crate) reader: BufReader<LinkRead>,
+    pub(crate) writer: LinkWrite,
 }
 
 /// Connects and authenticates within `timeout`.
@@ -72,7 +85,19 @@ pub(crate) async fn connect(ep: &Endpoint, timeout: Duration) -> io::Result<Conn
     let fut = async {
         let stream = TcpStream::connect((ep.host.as_str(), ep.port)).await?;
         stream.set_nodelay(true)?;
-        let (r, mut writer) = stream.into_split();
+        let (r, mut writer): (LinkRead, LinkWrite) = match &ep.tls {
+            None => {
+                let (r, w) = stream.into_split();
+                (Box::new(r), Box::new(w))
+            }
+            Some(tls) => {
+                let session = tls.connect(&ep.host, stream).await.map_err(|e| {
+                    io::Error::new(e.kind(), format!("TLS handshake with {}: {e}", ep.addr()))
+                })?;
+                let (r, w) = tokio::io::split(session);
+                (Box::new(r), Box::new(w))
+            }
+        };
         let mut reader = BufReader::with_capacity(READ_BUFFER, r);
         if let Some(pass) = &ep.password {
             let cmd = match &ep.username {
@@ -101,7 +126,7 @@ pub(crate) async fn connect(ep: &Endpoint, timeout: Duration) -> io::Result<Conn
 /// a PING more often than that), then reports it closed.
 pub(crate) async fn read_loop(
     conn_id: u64,
-    mut reader: BufReader<OwnedReadHalf>,
+    mut reader: BufReader<LinkRead>,
     shared: Arc<Shared>,
     events: mpsc::UnboundedSender<Msg>,
     idle: Duration,

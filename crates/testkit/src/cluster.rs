@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::redis::{redis_cli, spawn_server, temp_dir, wait_ready};
+use crate::redis::{as_strs, redis_cli, spawn_server, temp_dir, tls_args, wait_ready, ClientAuth};
+use crate::tls::TestCerts;
 
 /// How long the cluster may take to agree on `cluster_state:ok`, and a
 /// replica to be promoted after its master died. Only a failing test waits
@@ -29,6 +30,8 @@ const FAILOVER_NODE_TIMEOUT_MS: &str = "1000";
 pub struct RedisCluster {
     /// Every node's client port, in start order (see [`RedisCluster::urls`]).
     ports: Vec<u16>,
+    /// Every node's TLS port, same order, for [`RedisCluster::start_tls`].
+    tls_ports: Vec<u16>,
     /// The node processes, same order; `None` once a node was killed.
     children: Vec<Option<Child>>,
     dirs: Vec<PathBuf>,
@@ -58,7 +61,16 @@ impl RedisCluster {
     /// `redis-cli --cluster create`, and waits until every node reports
     /// `cluster_state:ok`.
     pub async fn start(masters: usize) -> RedisCluster {
-        Self::launch(masters, 0, NODE_TIMEOUT_MS).await
+        Self::launch(masters, 0, NODE_TIMEOUT_MS, None).await
+    }
+
+    /// Like [`RedisCluster::start`], and every node also takes TLS clients
+    /// (no client certificate) on a second port with the server certificate
+    /// of `certs`: reach them through [`RedisCluster::tls_urls`]. The bus
+    /// and the plain ports, which the helpers use, stay plain; a TLS client
+    /// is told the TLS ports in `CLUSTER SLOTS` and in redirects.
+    pub async fn start_tls(masters: usize, certs: &TestCerts) -> RedisCluster {
+        Self::launch(masters, 0, NODE_TIMEOUT_MS, Some(certs)).await
     }
 
     /// Like [`RedisCluster::start`], plus `replicas_per_master` replicas of
@@ -67,53 +79,84 @@ impl RedisCluster {
     /// replica may take over). Returns once every replica's link to its
     /// master is up, so what was written before is on the replicas too.
     pub async fn start_with_replicas(masters: usize, replicas_per_master: usize) -> RedisCluster {
-        let cluster = Self::launch(masters, replicas_per_master, FAILOVER_NODE_TIMEOUT_MS).await;
+        let cluster =
+            Self::launch(masters, replicas_per_master, FAILOVER_NODE_TIMEOUT_MS, None).await;
         cluster
             .wait_replicas_synced(masters * replicas_per_master)
             .await;
         cluster
     }
 
-    async fn launch(masters: usize, replicas: usize, node_timeout_ms: &str) -> RedisCluster {
+    async fn launch(
+        masters: usize,
+        replicas: usize,
+        node_timeout_ms: &str,
+        tls: Option<&TestCerts>,
+    ) -> RedisCluster {
         let nodes = masters * (1 + replicas);
         let mut cluster = RedisCluster {
             ports: Vec::new(),
+            tls_ports: Vec::new(),
             children: Vec::new(),
             dirs: Vec::new(),
         };
         while cluster.ports.len() < nodes {
-            let port = free_cluster_port(&cluster.ports);
+            let port = free_cluster_port(&cluster.all_ports());
+            // With `tls-cluster yes` the bus listens on the TLS port + 10000.
+            let tls_port = match tls {
+                Some(_) => free_cluster_port(&[cluster.all_ports(), vec![port]].concat()),
+                None => 0,
+            };
             let dir = temp_dir("cluster");
-            let mut child = spawn_server(
-                port,
-                &dir,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    node_timeout_ms,
-                    "--cluster-replica-validity-factor",
-                    "0",
-                    // Feed a new replica at once instead of waiting 5 s for
-                    // more replicas to share the transfer.
-                    "--repl-diskless-sync-delay",
-                    "0",
-                ],
-            );
+            let mut args = vec![
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                node_timeout_ms,
+                "--cluster-replica-validity-factor",
+                "0",
+                // Feed a new replica at once instead of waiting 5 s for
+                // more replicas to share the transfer.
+                "--repl-diskless-sync-delay",
+                "0",
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+            if let Some(certs) = tls {
+                args.extend(tls_args(tls_port, certs, ClientAuth::Off));
+                // Only then does `CLUSTER SLOTS` tell a TLS client the TLS
+                // ports (Redis 7.0); the bus and replication go over TLS too.
+                args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
+            }
+            let mut child = spawn_server(port, &dir, &as_strs(&args));
             if wait_ready(port, &mut child).await {
                 cluster.ports.push(port);
+                cluster.tls_ports.push(tls_port);
                 cluster.children.push(Some(child));
             }
             cluster.dirs.push(dir);
         }
-        let hosts: Vec<String> = cluster
-            .ports
+        // The nodes meet on the ports their bus is derived from.
+        let (meet_ports, tls_flags) = match tls {
+            Some(certs) => (
+                &cluster.tls_ports,
+                vec![
+                    "--tls".to_owned(),
+                    "--cacert".to_owned(),
+                    certs.ca().to_string_lossy().into_owned(),
+                ],
+            ),
+            None => (&cluster.ports, Vec::new()),
+        };
+        let hosts: Vec<String> = meet_ports
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
         let status = Command::new("redis-cli")
+            .args(&tls_flags)
             .arg("--cluster")
             .arg("create")
             .args(&hosts)
@@ -182,6 +225,18 @@ impl RedisCluster {
     /// The client port of every node, in the order of [`RedisCluster::urls`].
     pub fn ports(&self) -> &[u16] {
         &self.ports
+    }
+
+    fn all_ports(&self) -> Vec<u16> {
+        [&self.ports[..], &self.tls_ports[..]].concat()
+    }
+
+    /// Every node's `rediss://` URL, for a cluster from [`RedisCluster::start_tls`].
+    pub fn tls_urls(&self) -> Vec<String> {
+        self.tls_ports
+            .iter()
+            .map(|p| format!("rediss://127.0.0.1:{p}/"))
+            .collect()
     }
 
     fn url(&self, i: usize) -> String {

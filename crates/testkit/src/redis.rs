@@ -9,6 +9,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+use crate::tls::TestCerts;
+
 /// How long a spawned server may take to answer PING.
 const READY_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -114,6 +116,41 @@ pub struct RedisServer {
     child: Option<Child>,
     /// `None` when external: kill/restart are not possible then.
     dir: Option<PathBuf>,
+    /// The TLS port, beside the plain one, of a [`RedisServer::start_tls`] server.
+    tls_port: Option<u16>,
+    /// Arguments a restart repeats (the TLS settings).
+    extra: Vec<String>,
+}
+
+/// Whether a TLS test server asks clients for a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// `tls-auth-clients no`: the server's certificate is checked, the client has none.
+    Off,
+    /// `tls-auth-clients yes`: mutual TLS, the client needs a certificate of the test CA.
+    Required,
+}
+
+/// `redis-server` arguments for a TLS port with `certs`.
+pub(crate) fn tls_args(tls_port: u16, certs: &TestCerts, auth: ClientAuth) -> Vec<String> {
+    let path = |p: PathBuf| p.to_string_lossy().into_owned();
+    vec![
+        "--tls-port".into(),
+        tls_port.to_string(),
+        "--tls-cert-file".into(),
+        path(certs.server_cert()),
+        "--tls-key-file".into(),
+        path(certs.server_key()),
+        "--tls-ca-cert-file".into(),
+        path(certs.ca()),
+        "--tls-auth-clients".into(),
+        if auth == ClientAuth::Required {
+            "yes"
+        } else {
+            "no"
+        }
+        .into(),
+    ]
 }
 
 impl RedisServer {
@@ -132,22 +169,49 @@ impl RedisServer {
                 port,
                 child: None,
                 dir: None,
+                tls_port: None,
+                extra: Vec::new(),
             };
         }
+        Self::spawn(None).await
+    }
+
+    /// Spawns a `redis-server` (never `REDIS_URL`'s) that also listens for
+    /// TLS on a second port with the server certificate of `certs`: reach it
+    /// through [`RedisServer::tls_url`]. The plain port stays for the
+    /// readiness check and for tests that look at Redis directly.
+    pub async fn start_tls(certs: &TestCerts, auth: ClientAuth) -> RedisServer {
+        Self::spawn(Some((certs, auth))).await
+    }
+
+    async fn spawn(tls: Option<(&TestCerts, ClientAuth)>) -> RedisServer {
         let dir = temp_dir("redis");
         for _ in 0..20 {
             let port = free_port();
-            let mut child = spawn_server(port, &dir, &[]);
+            let tls_port = tls.map(|_| free_port());
+            let extra = match (tls, tls_port) {
+                (Some((certs, auth)), Some(tls_port)) => tls_args(tls_port, certs, auth),
+                _ => Vec::new(),
+            };
+            let mut child = spawn_server(port, &dir, &as_strs(&extra));
             if wait_ready(port, &mut child).await {
                 return RedisServer {
                     url: format!("redis://127.0.0.1:{port}/"),
                     port,
                     child: Some(child),
                     dir: Some(dir),
+                    tls_port,
+                    extra,
                 };
             }
         }
         panic!("could not start redis-server on a free port");
+    }
+
+    /// `rediss://127.0.0.1:<tls port>/` of a [`RedisServer::start_tls`] server.
+    pub fn tls_url(&self) -> String {
+        let port = self.tls_port.expect("a server started with start_tls");
+        format!("rediss://127.0.0.1:{port}/")
     }
 
     pub fn url(&self) -> &str {
@@ -184,7 +248,7 @@ impl RedisServer {
         // The old socket may linger a moment; retry until the port is ours.
         let deadline = Instant::now() + READY_PATIENCE;
         loop {
-            let mut child = spawn_server(self.port, &dir, &[]);
+            let mut child = spawn_server(self.port, &dir, &as_strs(&self.extra));
             if wait_ready(self.port, &mut child).await {
                 self.child = Some(child);
                 return;
@@ -215,6 +279,10 @@ impl Drop for RedisServer {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+pub(crate) fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }
 
 /// Runs `redis-cli -u <url> <args...>` and returns its trimmed stdout.
