@@ -22,10 +22,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && install -m 0755 target/release/roomcast /usr/local/bin/roomcast
 
 FROM debian:${DEBIAN_RELEASE}-slim AS runtime
-# curl answers the HEALTHCHECK; nothing else is added to the base image.
+# curl answers the HEALTHCHECK; ca-certificates are the system roots a rediss://
+# Redis's certificate is checked against when no CA file is given.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends curl \
+    && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 roomcast \
     && useradd --system --uid 10001 --gid 10001 --no-create-home \

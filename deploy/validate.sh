@@ -312,6 +312,11 @@ helm_render() { # NAME [helm args]: renders into $RC_WORK/helm-NAME/
 
 check_helm_default() { helm_render default; }
 check_helm_production() { helm_render production -f "$ROOT/helm/roomcast/ci/production-values.yaml"; }
+check_helm_redis_tls() {
+    helm_render redis-tls --set redis.url=rediss://redis-master.data:6380 \
+        --set redis.tls.existingSecret=redis-tls --set redis.tls.certKey=tls.crt --set redis.tls.keyKey=tls.key
+    grep -q 'ROOMCAST_REDIS_TLS_KEY_FILE' "$RC_WORK/helm-redis-tls/rendered.yaml"
+}
 
 check_helm_refusals() {
     # The schema and the templates refuse what would break a node or a drain.
@@ -327,6 +332,9 @@ check_helm_refusals() {
         "terminationGracePeriodSeconds=10|shorter than"
         "config.auth.algorithm=RS256|needs auth.jwtPublicKey"
         "auth.apiKeys[0]=short|auth.apiKeys.0"
+        "redis.tls.existingSecret=redis-tls|is not rediss://"
+        "redis.tls.certKey=tls.crt|go together"
+        "config.broker.tls_ca_file=/ca.pem|Additional property tls_ca_file"
     )
     local c set want out
     for c in "${cases[@]}"; do
@@ -361,6 +369,7 @@ check_values_schema() { python3 "$ROOT/deploy/lib/values_schema.py" --check; }
 step "helm: values schema matches docs/roomcast.example.toml" check_values_schema
 step "helm: lint/template/validate, default values" check_helm_default
 step "helm: lint/template/validate, production values" check_helm_production
+step "helm: lint/template/validate, rediss:// with a client certificate" check_helm_redis_tls
 step "helm: schema refuses bad values" check_helm_refusals
 
 # ---------------------------------------------------------------- live cluster

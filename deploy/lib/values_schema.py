@@ -9,7 +9,7 @@ node refuses, with the example's comments as descriptions. Standard library only
 
 Keys the chart sets itself are left out (so a value for them is refused):
 listen, node_id, auth.jwt_secret, auth.jwt_public_key_file, publish.api_keys,
-broker.redis, broker.redis_cluster.
+broker.redis, broker.redis_cluster, broker.tls_*.
 """
 
 import argparse
@@ -32,6 +32,9 @@ SET_BY_CHART = {
     ("publish", "api_keys"): "auth.apiKeys / auth.existingSecret",
     ("broker", "redis"): "redis.url",
     ("broker", "redis_cluster"): "redis.clusterUrls",
+    ("broker", "tls_ca_file"): "redis.tls.existingSecret / redis.tls.caKey",
+    ("broker", "tls_cert_file"): "redis.tls.existingSecret / redis.tls.certKey",
+    ("broker", "tls_key_file"): "redis.tls.existingSecret / redis.tls.keyKey",
 }
 # The chart derives terminationGracePeriodSeconds from it, so it must be simple.
 SPECIAL = {

@@ -281,6 +281,12 @@ pub struct BrokerSettings {
     pub redis: Option<String>,
     /// Redis Cluster seed URLs (sharded pub/sub).
     pub redis_cluster: Vec<String>,
+    /// CA certificates (PEM) for `rediss://` instead of the system's roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) for a Redis that requires one.
+    pub tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub tls_key_file: Option<PathBuf>,
     /// Prefix of every Redis key and channel.
     pub prefix: String,
     /// Events kept per room (history for resume).
@@ -306,6 +312,9 @@ impl Default for BrokerSettings {
         Self {
             redis: None,
             redis_cluster: Vec::new(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             prefix: "rc:".into(),
             history_max_len: 1000,
             history_max_age: Duration::from_secs(3600),
@@ -437,8 +446,15 @@ impl Config {
         {
             return err("presence.heartbeat_interval must be positive and shorter than presence.ttl; sweep_interval positive");
         }
-        if self.broker.redis.is_some() && !self.broker.redis_cluster.is_empty() {
+        let b = &self.broker;
+        if b.redis.is_some() && !b.redis_cluster.is_empty() {
             return err("set broker.redis or broker.redis_cluster, not both");
+        }
+        let tls_files =
+            b.tls_ca_file.is_some() || b.tls_cert_file.is_some() || b.tls_key_file.is_some();
+        if tls_files && b.redis.is_none() && b.redis_cluster.is_empty() {
+            // The memory broker would ignore them: say so instead.
+            return err("broker.tls_* files need a rediss:// broker.redis or broker.redis_cluster");
         }
         if self.publish.max_in_flight == 0 || self.publish.max_delivery_lag.is_zero() {
             return err("publish.max_in_flight and publish.max_delivery_lag must be positive");
@@ -523,6 +539,16 @@ mod tests {
         c.auth.jwt_secret = Some("s3cret".into());
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("limits.listen_backlog"), "{e}");
+    }
+
+    #[test]
+    fn redis_tls_files_without_redis_are_refused() {
+        let mut c: Config = toml::from_str("[broker]\ntls_ca_file = \"/etc/ca.pem\"").unwrap();
+        c.auth.jwt_secret = Some("s3cret".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("broker.tls_"), "{e}");
+        c.broker.redis = Some("rediss://redis:6380".into());
+        c.validate().unwrap();
     }
 
     /// Settings that would make a node refuse every subscribe or every

@@ -24,7 +24,7 @@ pub(crate) enum Command {
     /// Run an edge node.
     Serve(Box<ServeArgs>),
     /// Publish one event (through a node's HTTP API, or straight into Redis).
-    Publish(PublishArgs),
+    Publish(Box<PublishArgs>),
     /// Mint an HS256 client token with the configured secret.
     Token(TokenArgs),
 }
@@ -101,6 +101,8 @@ pub(crate) struct ServeArgs {
     pub(crate) redis_cluster: Vec<String>,
     #[arg(long, env = "ROOMCAST_REDIS_PREFIX")]
     pub(crate) redis_prefix: Option<String>,
+    #[command(flatten)]
+    pub(crate) redis_tls: RedisTlsArgs,
     #[arg(long, env = "ROOMCAST_HISTORY_MAX_LEN")]
     pub(crate) history_max_len: Option<usize>,
     #[arg(long, env = "ROOMCAST_HISTORY_MAX_AGE", value_parser = parse_duration)]
@@ -185,6 +187,23 @@ pub(crate) struct PublishArgs {
     pub(crate) redis_cluster: Vec<String>,
     #[arg(long, env = "ROOMCAST_REDIS_PREFIX", default_value = "rc:")]
     pub(crate) redis_prefix: String,
+    #[command(flatten)]
+    pub(crate) redis_tls: RedisTlsArgs,
+}
+
+/// Certificates for `rediss://` URLs (PEM files).
+#[derive(Args, Debug, Default, Clone)]
+pub(crate) struct RedisTlsArgs {
+    /// CA certificates that sign the Redis servers' certificates, instead of
+    /// the system's roots.
+    #[arg(long, env = "ROOMCAST_REDIS_TLS_CA_FILE")]
+    pub(crate) redis_tls_ca_file: Option<PathBuf>,
+    /// Client certificate chain, for a Redis that requires one.
+    #[arg(long, env = "ROOMCAST_REDIS_TLS_CERT_FILE")]
+    pub(crate) redis_tls_cert_file: Option<PathBuf>,
+    /// The client certificate's private key.
+    #[arg(long, env = "ROOMCAST_REDIS_TLS_KEY_FILE")]
+    pub(crate) redis_tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]

@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             cli::Command::Serve(args) => serve::run(*args).await,
-            cli::Command::Publish(args) => publish::run(args).await,
+            cli::Command::Publish(args) => publish::run(*args).await,
             cli::Command::Token(args) => cli::token(args),
         }
     })

@@ -8,7 +8,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 
-use roomcast_broker_redis::{publish_direct, RedisConfig, RedisMode};
+use roomcast_broker_redis::{publish_direct, RedisConfig, RedisMode, RedisTls};
 use roomcast_protocol::{Event, EventDefaults};
 
 use crate::cli::PublishArgs;
@@ -42,6 +42,12 @@ pub(crate) async fn run(args: PublishArgs) -> anyhow::Result<()> {
     if let Some(mode) = mode {
         let mut config = RedisConfig::new(mode);
         config.prefix = args.redis_prefix.clone();
+        let tls = &args.redis_tls;
+        config.tls = RedisTls {
+            ca_file: tls.redis_tls_ca_file.clone(),
+            cert_file: tls.redis_tls_cert_file.clone(),
+            key_file: tls.redis_tls_key_file.clone(),
+        };
         config.validate()?;
         let defaults = EventDefaults {
             tenant: None,

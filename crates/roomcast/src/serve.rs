@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use rand::Rng as _;
 use roomcast_auth::{mint_hs256, Expiry, MintClaims};
-use roomcast_broker_redis::{RedisBroker, RedisConfig, RedisMode};
+use roomcast_broker_redis::{RedisBroker, RedisConfig, RedisMode, RedisTls};
 use roomcast_edge::{Config, Node};
 
 use crate::cli::ServeArgs;
@@ -68,6 +68,11 @@ pub(crate) fn redis_config(config: &Config) -> Option<RedisConfig> {
         (None, true) => return None,
     };
     let mut redis = RedisConfig::new(mode);
+    redis.tls = RedisTls {
+        ca_file: b.tls_ca_file.clone(),
+        cert_file: b.tls_cert_file.clone(),
+        key_file: b.tls_key_file.clone(),
+    };
     redis.prefix = b.prefix.clone();
     redis.history = roomcast_edge::history_policy(config);
     Some(redis)

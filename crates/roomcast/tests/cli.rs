@@ -259,3 +259,87 @@ async fn worker_threads_must_be_positive_and_are_honoured() {
     let mut ws = connect(&addr, &token).await;
     assert_eq!(next_json(&mut ws).await["op"], "welcome");
 }
+
+/// An operator's rediss:// set-up end to end: `serve` and `publish --redis`
+/// both reach a Redis that takes only TLS clients with a certificate of its
+/// CA, and a node without the client certificate refuses to start, saying why.
+#[tokio::test]
+async fn serve_and_publish_work_over_rediss_with_a_client_certificate() {
+    use roomcast_testkit::{ClientAuth, RedisServer, TestCerts};
+    let certs = TestCerts::generate();
+    let redis = RedisServer::start_tls(&certs, ClientAuth::Required).await;
+    let url = redis.tls_url();
+    let (ca, cert, key) = (
+        certs.ca().display().to_string(),
+        certs.client_cert().display().to_string(),
+        certs.client_key().display().to_string(),
+    );
+    let prefix = roomcast_testkit::unique_prefix();
+    let tls_args = [
+        "--redis",
+        &url,
+        "--redis-prefix",
+        &prefix,
+        "--redis-tls-ca-file",
+        &ca,
+        "--redis-tls-cert-file",
+        &cert,
+        "--redis-tls-key-file",
+        &key,
+    ];
+
+    let refused = roomcast()
+        .args(["serve", "--listen", "127.0.0.1:0", "--jwt-secret", SECRET])
+        .args(&tls_args[..6])
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("CertificateRequired"), "{stderr}");
+
+    let (_node, addr) = serve(&tls_args).await;
+    let (ok, token) = run(&[
+        "token",
+        "--sub",
+        "u1",
+        "--tenant",
+        "acme",
+        "--team",
+        "7",
+        "--jwt-secret",
+        SECRET,
+    ])
+    .await;
+    assert!(ok);
+    let mut ws = connect(&addr, &token).await;
+    assert_eq!(next_json(&mut ws).await["op"], "welcome");
+    ws.send(Message::text(
+        r#"{"op":"subscribe","ref":"1","rooms":["team:7"]}"#,
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_json(&mut ws).await["rooms"],
+        serde_json::json!(["team:7"])
+    );
+
+    let publish = [
+        "publish",
+        "--tenant",
+        "acme",
+        "--room",
+        "team:7",
+        "--type",
+        "vote.counted",
+        "--data",
+        r#"{"n":3}"#,
+    ];
+    let (ok, out) = run(&[&publish[..], &tls_args[..]].concat()).await;
+    assert!(ok, "{out}");
+    let ev = next_json(&mut ws).await;
+    assert_eq!(
+        (ev["type"].as_str(), &ev["data"]["n"]),
+        (Some("vote.counted"), &serde_json::json!(3))
+    );
+}
