@@ -480,7 +480,14 @@ impl Actor {
         let Some(conn) = self.links.get_mut(addr).and_then(|l| l.conn.as_mut()) else {
             return false;
         };
-        let result = tokio::time::timeout(timeout, conn.writer.write_all(bytes)).await;
+        // The flush matters for TLS only: a record the socket could not take
+        // at once would otherwise wait in rustls for the next write.
+        let writer = &mut conn.writer;
+        let send = async move {
+            writer.write_all(bytes).await?;
+            writer.flush().await
+        };
+        let result = tokio::time::timeout(timeout, send).await;
         match result {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {

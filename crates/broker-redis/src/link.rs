@@ -105,6 +105,7 @@ pub(crate) async fn connect(ep: &Endpoint, timeout: Duration) -> io::Result<Conn
                 None => resp::encode(&["AUTH", pass]),
             };
             writer.write_all(&cmd).await?;
+            writer.flush().await?;
             match resp::read_frame(&mut reader).await? {
                 Frame::Simple(_) => {}
                 other => {

@@ -134,7 +134,9 @@ impl RedisCluster {
             let mut child = spawn_server(port, &dir, &as_strs(&args));
             if wait_ready(port, &mut child).await {
                 cluster.ports.push(port);
-                cluster.tls_ports.push(tls_port);
+                if tls.is_some() {
+                    cluster.tls_ports.push(tls_port);
+                }
                 cluster.children.push(Some(child));
             }
             cluster.dirs.push(dir);
