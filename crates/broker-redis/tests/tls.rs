@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{event, key, n_of, sink};
 use roomcast_broker::{Broker, BrokerError};
-use roomcast_broker_redis::{RedisBroker, RedisConfig, RedisTls};
+use roomcast_broker_redis::{RedisBroker, RedisConfig, RedisMode, RedisTls};
 use roomcast_protocol::{EventId, RoomKey};
 use roomcast_testkit::{unique_prefix, ClientAuth, RedisCluster, RedisServer, TestCerts};
 
@@ -75,9 +75,21 @@ async fn nodes_publish_subscribe_and_read_history_over_tls_and_survive_a_restart
     let (sink_a, _got_a) = sink();
     let (sink_b, mut got_b) = sink();
     let a = RedisBroker::connect(cfg.clone(), sink_a).await.unwrap();
-    let b = RedisBroker::connect(cfg, sink_b).await.unwrap();
+    let b = RedisBroker::connect(cfg.clone(), sink_b).await.unwrap();
     assert!(a.healthy() && b.healthy(), "the subscriber links are up");
     round_trip(&a, &b, &mut got_b, 1).await;
+
+    // A host name is checked as a DNS name (the certificate names localhost).
+    let by_name = server.tls_url().replace("127.0.0.1", "localhost");
+    let cfg_by_name = RedisConfig {
+        mode: RedisMode::Standalone { url: by_name },
+        ..cfg
+    };
+    let (sink_c, mut got_c) = sink();
+    let c = RedisBroker::connect(cfg_by_name, sink_c).await.unwrap();
+    round_trip(&a, &c, &mut got_c, 10).await;
+    assert_eq!(n_of(&got_b.next().await.1), 10, "B is in the room too");
+    drop(c);
 
     // The subscriber reconnects over TLS and resubscribes.
     let seen = *got_b.resyncs.borrow();
