@@ -27,6 +27,9 @@ use crate::topology::{parse_moved, SlotMap};
 
 mod reconcile;
 
+/// Least time between two warnings that one link cannot (re)connect.
+const CONNECT_WARN_EVERY: Duration = Duration::from_secs(60);
+
 /// Channels per SUBSCRIBE command when resubscribing many rooms.
 const BATCH: usize = 256;
 /// Pause before re-sending subscriptions that Redis refused.
@@ -234,6 +237,7 @@ impl Actor {
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
         let task = tokio::spawn(async move {
             let mut wait = delay_first;
+            let mut warned: Option<tokio::time::Instant> = None;
             loop {
                 if wait {
                     tokio::time::sleep(backoff.next_delay()).await;
@@ -248,7 +252,15 @@ impl Actor {
                         return;
                     }
                     Err(e) => {
-                        tracing::debug!(addr = %addr, error = %e, attempt = backoff.attempts(), "redis subscriber connect failed");
+                        // An operator must see why (refused, TLS, AUTH), but a
+                        // long outage should not flood the log: once a minute.
+                        let now = tokio::time::Instant::now();
+                        if warned.is_none_or(|at| now - at >= CONNECT_WARN_EVERY) {
+                            warned = Some(now);
+                            tracing::warn!(addr = %addr, error = %e, attempt = backoff.attempts(), "redis subscriber cannot connect; retrying");
+                        } else {
+                            tracing::debug!(addr = %addr, error = %e, attempt = backoff.attempts(), "redis subscriber connect failed");
+                        }
                         let _ = events.send(Msg::ConnectFailed { addr: addr.clone() });
                     }
                 }

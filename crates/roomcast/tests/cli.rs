@@ -343,3 +343,24 @@ async fn serve_and_publish_work_over_rediss_with_a_client_certificate() {
         (Some("vote.counted"), &serde_json::json!(3))
     );
 }
+
+/// A subscriber that cannot get back to Redis says why at warn level (the
+/// default log filter), so an operator sees a refused connection, an
+/// expired certificate or a wrong password without turning on debug logs.
+#[tokio::test]
+async fn a_subscriber_that_cannot_reconnect_warns_with_the_reason() {
+    let mut redis = roomcast_testkit::RedisServer::start().await;
+    if redis.is_external() {
+        eprintln!("REDIS_URL is set: skipping a test that kills Redis");
+        return;
+    }
+    let prefix = roomcast_testkit::unique_prefix();
+    let mut node = NodeProcess::start(redis.url(), &prefix).await;
+    redis.kill();
+    let line = node
+        .log_line("redis subscriber cannot connect; retrying", PATIENCE)
+        .await;
+    assert_eq!(line["level"], "WARN", "{line}");
+    let error = line["fields"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("refused"), "the reason is given: {line}");
+}

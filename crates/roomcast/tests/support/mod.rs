@@ -138,6 +138,8 @@ impl TestNode {
 pub struct NodeProcess {
     pub addr: SocketAddr,
     child: tokio::process::Child,
+    /// The node's JSON log lines after "listening".
+    log: tokio::sync::mpsc::UnboundedReceiver<Value>,
 }
 
 impl NodeProcess {
@@ -164,13 +166,17 @@ impl NodeProcess {
             .expect("spawn the roomcast binary");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = oneshot::channel();
-        // Reads the log for the address, then keeps draining it so the
-        // child never blocks on a full pipe.
+        let (log_tx, log) = tokio::sync::mpsc::unbounded_channel();
+        // Reads the log for the address, then keeps draining it (to
+        // `log`) so the child never blocks on a full pipe.
         tokio::spawn(async move {
             let mut lines = BufReader::new(stderr).lines();
             let mut tx = Some(tx);
             let mut seen = Vec::new();
             while let Ok(Some(line)) = lines.next_line().await {
+                if tx.is_none() {
+                    let _ = log_tx.send(serde_json::from_str(&line).unwrap_or(Value::Null));
+                }
                 if let Some(t) = tx.take() {
                     let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
                     if v["fields"]["message"] == "roomcast node listening" {
@@ -191,7 +197,23 @@ impl NodeProcess {
             Ok(Ok(Err(log))) => panic!("roomcast exited before listening:\n{log}"),
             other => panic!("roomcast did not report its address: {other:?}"),
         };
-        NodeProcess { addr, child }
+        NodeProcess { addr, child, log }
+    }
+
+    /// The next log line (after "listening") whose message is `message`;
+    /// panics if none comes within `within`.
+    pub async fn log_line(&mut self, message: &str, within: Duration) -> Value {
+        let wait = async {
+            while let Some(line) = self.log.recv().await {
+                if line["fields"]["message"] == message {
+                    return line;
+                }
+            }
+            panic!("the node's log ended before {message:?}");
+        };
+        tokio::time::timeout(within, wait)
+            .await
+            .unwrap_or_else(|_| panic!("no {message:?} in the node's log within {within:?}"))
     }
 
     /// The process id (to signal it).
