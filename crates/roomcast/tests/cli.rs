@@ -79,9 +79,9 @@ async fn close_code(ws: &mut Ws) -> u16 {
     }
 }
 
-#[tokio::test]
-async fn token_and_publish_commands_work_against_a_served_node() {
-    let (_node, addr) = serve(&[]).await;
+/// A socket of user u1 (tenant acme) subscribed to `team:<team>`, with a
+/// token from `roomcast token`.
+async fn subscribed_with_a_cli_token(addr: &str, team: &str) -> Ws {
     let (ok, token) = run(&[
         "token",
         "--sub",
@@ -89,7 +89,7 @@ async fn token_and_publish_commands_work_against_a_served_node() {
         "--tenant",
         "acme",
         "--team",
-        "42",
+        team,
         "--ttl",
         "10m",
         "--jwt-secret",
@@ -97,17 +97,19 @@ async fn token_and_publish_commands_work_against_a_served_node() {
     ])
     .await;
     assert!(ok);
-    let mut ws = connect(&addr, &token).await;
+    let mut ws = connect(addr, &token).await;
     assert_eq!(next_json(&mut ws).await["op"], "welcome");
-    ws.send(Message::text(
-        r#"{"op":"subscribe","ref":"1","rooms":["team:42"]}"#,
-    ))
-    .await
-    .unwrap();
-    assert_eq!(
-        next_json(&mut ws).await["rooms"],
-        serde_json::json!(["team:42"])
-    );
+    let room = format!("team:{team}");
+    let subscribe = serde_json::json!({"op": "subscribe", "ref": "1", "rooms": [room]});
+    ws.send(Message::text(subscribe.to_string())).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["rooms"], serde_json::json!([room]));
+    ws
+}
+
+#[tokio::test]
+async fn token_and_publish_commands_work_against_a_served_node() {
+    let (_node, addr) = serve(&[]).await;
+    let mut ws = subscribed_with_a_cli_token(&addr, "42").await;
 
     let url = format!("http://{addr}");
     let (ok, out) = run(&[
@@ -299,30 +301,7 @@ async fn serve_and_publish_work_over_rediss_with_a_client_certificate() {
     assert!(stderr.contains("CertificateRequired"), "{stderr}");
 
     let (_node, addr) = serve(&tls_args).await;
-    let (ok, token) = run(&[
-        "token",
-        "--sub",
-        "u1",
-        "--tenant",
-        "acme",
-        "--team",
-        "7",
-        "--jwt-secret",
-        SECRET,
-    ])
-    .await;
-    assert!(ok);
-    let mut ws = connect(&addr, &token).await;
-    assert_eq!(next_json(&mut ws).await["op"], "welcome");
-    ws.send(Message::text(
-        r#"{"op":"subscribe","ref":"1","rooms":["team:7"]}"#,
-    ))
-    .await
-    .unwrap();
-    assert_eq!(
-        next_json(&mut ws).await["rooms"],
-        serde_json::json!(["team:7"])
-    );
+    let mut ws = subscribed_with_a_cli_token(&addr, "7").await;
 
     let publish = [
         "publish",
