@@ -15,7 +15,7 @@ use roomcast_auth::{mint_hs256, MintClaims};
 use roomcast_broker_redis::{RedisBroker, RedisConfig, RedisMode};
 use roomcast_edge::{Config, Node};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -260,64 +260,11 @@ pub fn event(rooms: &[&str], kind: &str, data: Value) -> Value {
     json!({"tenant": TENANT, "rooms": rooms, "type": kind, "data": data})
 }
 
-/// A plain HTTP/1.1 request over a fresh TCP connection.
-pub async fn http_request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.push_str(body);
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut raw = Vec::new();
-    // Publishes may wait for a Redis command timeout (5 s) before a 503.
-    tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut raw))
-        .await
-        .expect("response in time")
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw).to_string();
-    let status: u16 = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use roomcast_testkit::{http_post, http_request};
 
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     http_request(addr, "GET", path, &[], "").await
-}
-
-pub async fn http_post(
-    addr: SocketAddr,
-    path: &str,
-    bearer: Option<&str>,
-    body: &str,
-) -> (u16, Value) {
-    let auth = bearer.map(|b| format!("Bearer {b}"));
-    let mut headers = vec![("Content-Type", "application/json")];
-    if let Some(a) = &auth {
-        headers.push(("Authorization", a.as_str()));
-    }
-    let (status, body) = http_request(addr, "POST", path, &headers, body).await;
-    (
-        status,
-        serde_json::from_str(&body).unwrap_or(Value::String(body)),
-    )
 }
 
 /// POST /v1/publish with the API key.
