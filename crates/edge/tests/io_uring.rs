@@ -39,7 +39,7 @@ fn event_json(rooms: &[&str], kind: &str, data: Value) -> Value {
 }
 
 async fn proto_client(node: &TestNode) -> Client {
-    let mut c = Client::connect(
+    let mut c = Client::connect_url(
         &node.ws_url(),
         &token("p", "acme", &["1"]),
         Some("roomcast.v1.proto"),

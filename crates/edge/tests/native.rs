@@ -184,7 +184,7 @@ async fn every_bad_token_is_refused_with_401_before_the_upgrade() {
         ("other algorithm", hs384),
         ("tampered signature", tampered),
     ] {
-        let refused = Client::connect(&url, &tok, None)
+        let refused = Client::connect_url(&url, &tok, None)
             .await
             .err()
             .unwrap_or_else(|| panic!("{name}: socket opened"));
@@ -335,7 +335,7 @@ async fn protobuf_subprotocol_round_trip() {
     use prost::Message as _;
     use roomcast_protocol::pb;
     let node = TestNode::start(config()).await;
-    let mut c = Client::connect(
+    let mut c = Client::connect_url(
         &node.ws_url(),
         &token("u1", "acme", &["42"]),
         Some("roomcast.v1.proto"),
@@ -400,7 +400,7 @@ async fn protobuf_subprotocol_round_trip() {
 #[tokio::test]
 async fn unknown_subprotocol_is_refused() {
     let node = TestNode::start(config()).await;
-    let refused = Client::connect(
+    let refused = Client::connect_url(
         &node.ws_url(),
         &token("u1", "acme", &[]),
         Some("graphql-ws"),
@@ -419,7 +419,7 @@ async fn connection_cap_refuses_with_503_before_upgrade() {
     let t = token("u1", "acme", &[]);
     let _a = node.connect(&t).await;
     let mut b = node.connect(&t).await;
-    let refused = Client::connect(&node.ws_url(), &t, None)
+    let refused = Client::connect_url(&node.ws_url(), &t, None)
         .await
         .err()
         .expect("third is refused");
@@ -430,7 +430,7 @@ async fn connection_cap_refuses_with_503_before_upgrade() {
     // The slot frees once the server has processed the close.
     eventually("slot released", || node.node.connection_count() == 1).await;
     assert!(
-        Client::connect(&node.ws_url(), &t, None).await.is_ok(),
+        Client::connect_url(&node.ws_url(), &t, None).await.is_ok(),
         "a freed slot is reusable"
     );
 }

@@ -43,11 +43,11 @@ async fn a_burst_into_one_room_shares_writes_and_keeps_every_members_order() {
     let prefix = unique_prefix();
     let node = TestNode::start(config(Backend::Standalone(redis.url()), &prefix)).await;
     let mut alice = node.connect(&token("alice", &["1"])).await;
-    alice.subscribe(&["team:1"]).await;
+    alice.subscribe_all(&["team:1"]).await;
     let mut bob = node.connect(&token("bob", &["1"])).await;
-    bob.subscribe(&["team:1"]).await;
+    bob.subscribe_all(&["team:1"]).await;
     let mut carol = node.connect(&token("carol", &["1", "2"])).await;
-    carol.subscribe(&["team:1", "team:2"]).await;
+    carol.subscribe_all(&["team:1", "team:2"]).await;
 
     // One pipeline, so Redis runs the publishes in one go and the node reads
     // their messages together. team:2's events sit between team:1's, and

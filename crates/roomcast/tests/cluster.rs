@@ -111,12 +111,12 @@ async fn three_nodes_deliver_each_event_exactly_once() {
     for (i, node) in nodes.iter().enumerate() {
         for j in 0..3 {
             let mut c = node.connect(&token(&format!("a{i}{j}"), &["1"])).await;
-            c.subscribe(&["team:1"]).await;
+            c.subscribe_all(&["team:1"]).await;
             team1.push(c);
         }
         for j in 0..2 {
             let mut c = node.connect(&token(&format!("b{i}{j}"), &["2"])).await;
-            c.subscribe(&["team:2"]).await;
+            c.subscribe_all(&["team:2"]).await;
             team2.push(c);
         }
     }
@@ -173,13 +173,13 @@ async fn a_node_subscribes_a_room_only_while_it_has_members() {
         "a connection alone subscribes nothing"
     );
 
-    a1.subscribe(&["team:7"]).await;
+    a1.subscribe_all(&["team:7"]).await;
     numsub_becomes(url, &channel, 1).await;
     let mut a2 = a.connect(&tok).await;
-    a2.subscribe(&["team:7"]).await;
+    a2.subscribe_all(&["team:7"]).await;
     assert_eq!(numsub(url, &channel).await, 1, "one subscription per node");
     let mut b1 = b.connect(&tok).await;
-    b1.subscribe(&["team:7"]).await;
+    b1.subscribe_all(&["team:7"]).await;
     numsub_becomes(url, &channel, 2).await;
 
     // The first of two local members leaves: node A stays subscribed, as
@@ -197,7 +197,7 @@ async fn a_node_subscribes_a_room_only_while_it_has_members() {
     numsub_becomes(url, &channel, 0).await;
 
     // Rejoining subscribes again.
-    a1.subscribe(&["team:7"]).await;
+    a1.subscribe_all(&["team:7"]).await;
     numsub_becomes(url, &channel, 1).await;
     let sent = publish_n(&b, "team:7", 2).await;
     assert_eq!(summary(&a1.next_event().await), sent);
@@ -240,7 +240,7 @@ async fn redis_cluster_delivery_and_slot_migration() {
             let rooms: Vec<String> = names[..k].to_vec();
             let refs: Vec<&str> = rooms.iter().map(String::as_str).collect();
             let mut c = node.connect(&token(user, &teams)).await;
-            c.subscribe(&refs).await;
+            c.subscribe_all(&refs).await;
             clients.push((c, rooms));
         }
     }
@@ -433,8 +433,8 @@ async fn redis_restart_readiness_and_recovery() {
     let tok = token("u", &["1"]);
     let mut ca = a.connect(&tok).await;
     let mut cb = b.connect(&tok).await;
-    ca.subscribe(&["team:1"]).await;
-    cb.subscribe(&["team:1"]).await;
+    ca.subscribe_all(&["team:1"]).await;
+    cb.subscribe_all(&["team:1"]).await;
     assert_eq!((a.readyz().await, b.readyz().await), (200, 200));
     let sent = publish_n(&a, "team:1", 0).await;
     assert_eq!(summary(&ca.next_event().await), sent);
@@ -499,8 +499,8 @@ async fn a_sigkilled_node_loses_nothing_for_the_others() {
     let tok_a = token("ua", &["1"]);
     let mut ca = a.connect(&tok_a).await;
     let mut cb = b.connect(&token("ub", &["1"])).await;
-    ca.subscribe(&["team:1"]).await;
-    cb.subscribe(&["team:1"]).await;
+    ca.subscribe_all(&["team:1"]).await;
+    cb.subscribe_all(&["team:1"]).await;
 
     let publish_n = |n: u64| {
         let addr = b.addr;
@@ -525,7 +525,7 @@ async fn a_sigkilled_node_loses_nothing_for_the_others() {
     // The client fails over to node B with the same token.
     let mut ca = b.connect(&tok_a).await;
     assert_eq!(ca.welcome["node"], cb.welcome["node"]);
-    ca.subscribe(&["team:1"]).await;
+    ca.subscribe_all(&["team:1"]).await;
     let second = publish_n(2).await;
     assert_eq!(summary(&ca.next_event().await), second);
     // Node B's client saw nothing but the next event.

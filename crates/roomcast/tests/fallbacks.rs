@@ -217,7 +217,7 @@ async fn sse_with_last_event_id_and_long_poll_with_since_get_the_same_events_as_
     let auth = format!("Bearer {tok}");
 
     let mut ws = a.connect(&tok).await;
-    ws.subscribe(&["team:1"]).await;
+    ws.subscribe_all(&["team:1"]).await;
     let mut sse = SseClient::open(b.addr, "/v1/sse?rooms=team:1", &[("Authorization", &auth)])
         .await
         .expect("SSE opens");

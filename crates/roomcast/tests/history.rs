@@ -41,7 +41,7 @@ async fn a_client_resumes_on_another_node_with_exactly_the_missed_events() {
     let t = token("u1", &["1"]);
 
     let mut client = a.connect(&t).await;
-    client.subscribe(&["team:1"]).await;
+    client.subscribe_all(&["team:1"]).await;
     a.publish(&numbered(0)).await;
     let seen = client.next_event().await;
     let last = seen["id"].as_str().unwrap().to_owned();
@@ -149,7 +149,7 @@ async fn a_node_fills_the_gap_after_redis_comes_back() {
     let prefix = unique_prefix();
     let node = TestNode::start(config(Backend::Standalone(redis.url()), &prefix)).await;
     let mut client = node.connect(&token("u1", &["1"])).await;
-    client.subscribe(&["team:1"]).await;
+    client.subscribe_all(&["team:1"]).await;
     node.publish(&numbered(0)).await;
     assert_eq!(client.next_event().await["data"]["seq"], 0);
 
@@ -240,9 +240,9 @@ async fn presence_spans_nodes_and_a_killed_node_leaves_no_ghost() {
     let t2 = token_with_rooms("u2", &["task:t1"]);
 
     let mut alice = Client::connect(b.addr, &t1).await;
-    alice.subscribe(&["task:t1"]).await;
+    alice.subscribe_all(&["task:t1"]).await;
     let mut bob = Client::connect(a.addr, &t2).await;
-    bob.subscribe(&["task:t1"]).await;
+    bob.subscribe_all(&["task:t1"]).await;
     let joined = next_of_type(&mut alice, "presence.joined").await;
     assert_eq!(joined["data"]["user"], "u2");
     assert!(
@@ -294,9 +294,9 @@ async fn signals_reach_the_other_members_only_and_are_never_stored() {
     let a = TestNode::start(cfg.clone()).await;
     let b = TestNode::start(cfg).await;
     let mut typist = a.connect(&token("u1", &["1"])).await;
-    typist.subscribe(&["team:1"]).await;
+    typist.subscribe_all(&["team:1"]).await;
     let mut reader = b.connect(&token("u2", &["1"])).await;
-    reader.subscribe(&["team:1"]).await;
+    reader.subscribe_all(&["team:1"]).await;
 
     typist
         .send(json!({"op":"signal","ref":"s1","room":"team:1","type":"typing","data":{"on":true}}))

@@ -6,16 +6,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use roomcast_auth::{mint_hs256, Expiry, MintClaims};
 use roomcast_edge::{Config, Node};
 use serde_json::Value;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const SECRET: &str = "test-secret-0123456789";
 pub const API_KEY: &str = "test-api-key-0123456789";
@@ -83,7 +79,7 @@ impl TestNode {
     }
 
     pub async fn connect(&self, token: &str) -> Client {
-        Client::connect(&self.ws_url(), token, None)
+        Client::connect_url(&self.ws_url(), token, None)
             .await
             .expect("connects")
     }
@@ -113,124 +109,8 @@ pub fn expiring_in(secs: u64) -> Expiry {
 #[allow(unused_imports)] // each test binary uses its own subset
 pub use roomcast_testkit::{http_post, http_request};
 
-pub struct Client {
-    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    pub welcome: Value,
-}
-
-/// A refused upgrade: status and JSON body.
-#[derive(Debug)]
-pub struct Refused {
-    pub status: u16,
-    pub body: Value,
-}
-
-impl Client {
-    pub async fn connect(
-        url: &str,
-        token: &str,
-        subprotocol: Option<&str>,
-    ) -> Result<Client, Refused> {
-        let mut req = url.into_client_request().unwrap();
-        req.headers_mut()
-            .insert("Authorization", format!("Bearer {token}").parse().unwrap());
-        if let Some(p) = subprotocol {
-            req.headers_mut()
-                .insert("Sec-WebSocket-Protocol", p.parse().unwrap());
-        }
-        Self::connect_request(req, subprotocol != Some("roomcast.v1.proto")).await
-    }
-
-    pub async fn connect_request(
-        req: tokio_tungstenite::tungstenite::handshake::client::Request,
-        expect_json_welcome: bool,
-    ) -> Result<Client, Refused> {
-        match tokio_tungstenite::connect_async(req).await {
-            Ok((ws, _)) => {
-                let mut c = Client {
-                    ws,
-                    welcome: Value::Null,
-                };
-                if expect_json_welcome {
-                    c.welcome = c.next_json().await;
-                    assert_eq!(
-                        c.welcome["op"], "welcome",
-                        "first frame is welcome: {}",
-                        c.welcome
-                    );
-                }
-                Ok(c)
-            }
-            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
-                let status = resp.status().as_u16();
-                let body = resp
-                    .body()
-                    .as_ref()
-                    .and_then(|b| serde_json::from_slice(b).ok())
-                    .unwrap_or(Value::Null);
-                Err(Refused { status, body })
-            }
-            Err(e) => panic!("unexpected connect error: {e}"),
-        }
-    }
-
-    pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::text(v.to_string())).await.unwrap();
-    }
-
-    pub async fn send_raw(&mut self, m: Message) {
-        self.ws.send(m).await.unwrap();
-    }
-
-    /// The next data message, skipping pings.
-    pub async fn next_message(&mut self) -> Message {
-        loop {
-            let m = tokio::time::timeout(PATIENCE, self.ws.next())
-                .await
-                .expect("a message in time")
-                .expect("stream open")
-                .expect("no socket error");
-            match m {
-                Message::Ping(_) | Message::Pong(_) => continue,
-                m => return m,
-            }
-        }
-    }
-
-    pub async fn next_json(&mut self) -> Value {
-        match self.next_message().await {
-            Message::Text(t) => serde_json::from_str(t.as_str()).expect("valid JSON"),
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-
-    /// Subscribes and returns the `subscribed` reply.
-    pub async fn subscribe(&mut self, rooms: &[&str]) -> Value {
-        self.send(serde_json::json!({"op":"subscribe","ref":"s","rooms":rooms}))
-            .await;
-        let reply = self.next_json().await;
-        assert_eq!(reply["op"], "subscribed", "{reply}");
-        reply
-    }
-
-    /// Waits for the close frame and returns its code and reason.
-    pub async fn expect_close(&mut self) -> (u16, String) {
-        loop {
-            match tokio::time::timeout(PATIENCE, self.ws.next())
-                .await
-                .expect("close in time")
-            {
-                Some(Ok(Message::Close(Some(f)))) => {
-                    return (u16::from(f.code), f.reason.to_string())
-                }
-                Some(Ok(Message::Close(None))) => return (1005, String::new()),
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => panic!("socket error before close frame: {e}"),
-                None => panic!("stream ended without a close frame"),
-            }
-        }
-    }
-}
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use roomcast_testkit::{Client, Refused};
 
 pub fn close_code(c: CloseCode) -> u16 {
     u16::from(c)

@@ -10,17 +10,13 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use roomcast_auth::{mint_hs256, MintClaims};
 use roomcast_broker_redis::{RedisBroker, RedisConfig, RedisMode};
 use roomcast_edge::{Config, Node};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const SECRET: &str = "test-secret-0123456789";
 pub const API_KEY: &str = "test-api-key-0123456789";
@@ -289,105 +285,7 @@ pub async fn publish_retrying(addr: SocketAddr, body: &Value, within: Duration) 
     }
 }
 
-pub struct Client {
-    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    pub welcome: Value,
-}
-
-impl Client {
-    pub async fn connect(addr: SocketAddr, token: &str) -> Client {
-        let mut req = format!("ws://{addr}/v1/ws").into_client_request().unwrap();
-        req.headers_mut()
-            .insert("Authorization", format!("Bearer {token}").parse().unwrap());
-        let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(req))
-            .await
-            .expect("connected in time")
-            .expect("connects");
-        let mut c = Client {
-            ws,
-            welcome: Value::Null,
-        };
-        c.welcome = c.next_json().await;
-        assert_eq!(c.welcome["op"], "welcome", "{}", c.welcome);
-        c
-    }
-
-    pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::text(v.to_string())).await.unwrap();
-    }
-
-    /// The next data message, skipping pings; `None` when the socket ended
-    /// (close frame, EOF or reset).
-    pub async fn next_message_or_end(&mut self, within: Duration) -> Option<Message> {
-        loop {
-            let m = tokio::time::timeout(within, self.ws.next())
-                .await
-                .expect("a message (or the end) in time");
-            match m {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(m)) => return Some(m),
-            }
-        }
-    }
-
-    pub async fn next_json(&mut self) -> Value {
-        match self.next_message_or_end(PATIENCE).await {
-            Some(Message::Text(t)) => serde_json::from_str(t.as_str()).expect("valid JSON"),
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-
-    /// Subscribes and returns the `subscribed` reply (every room granted).
-    pub async fn subscribe(&mut self, rooms: &[&str]) -> Value {
-        self.send(json!({"op":"subscribe","ref":"s","rooms":rooms}))
-            .await;
-        let reply = self.next_json().await;
-        assert_eq!(reply["op"], "subscribed", "{reply}");
-        assert_eq!(reply["rooms"], json!(rooms), "{reply}");
-        reply
-    }
-
-    pub async fn unsubscribe(&mut self, rooms: &[&str]) {
-        self.send(json!({"op":"unsubscribe","ref":"u","rooms":rooms}))
-            .await;
-        let reply = self.next_json().await;
-        assert_eq!(reply["op"], "unsubscribed", "{reply}");
-    }
-
-    /// A protocol round trip: the session is alive and being served.
-    pub async fn ping(&mut self) {
-        self.send(json!({"op":"ping","ref":"p"})).await;
-        let reply = self.next_json().await;
-        assert_eq!(reply["op"], "pong", "{reply}");
-    }
-
-    /// The next frame, which must be an event.
-    pub async fn next_event(&mut self) -> Value {
-        let ev = self.next_json().await;
-        assert_eq!(ev["op"], "event", "{ev}");
-        ev
-    }
-
-    /// Every event up to (not including) the first of type `fence_type`.
-    pub async fn events_until(&mut self, fence_type: &str) -> Vec<Value> {
-        let mut before = Vec::new();
-        loop {
-            let ev = self.next_event().await;
-            if ev["type"] == fence_type {
-                return before;
-            }
-            before.push(ev);
-        }
-    }
-
-    /// Waits until the socket ends (without asserting how).
-    pub async fn expect_end(&mut self) {
-        if let Some(m) = self.next_message_or_end(PATIENCE).await {
-            panic!("expected the socket to end, got {m:?}");
-        }
-    }
-}
+pub use roomcast_testkit::Client;
 
 /// Polls `check` until it holds, failing after `within`. Only for state that
 /// has no event to await (inside a server or Redis).
