@@ -5,6 +5,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
@@ -16,7 +17,14 @@ use crate::tls::TlsMaterial;
 
 /// Command connections of one node. Cheap to clone.
 #[derive(Clone)]
-pub(crate) enum Commands {
+pub(crate) struct Commands {
+    conns: Conns,
+    /// Longest any command may take, whatever the client library waits for.
+    timeout: Duration,
+}
+
+#[derive(Clone)]
+enum Conns {
     Standalone {
         conns: Arc<[ConnectionManager]>,
         next: Arc<AtomicUsize>,
@@ -47,9 +55,12 @@ impl Commands {
                         ConnectionManager::new_with_config(client.clone(), cfg.clone()).await?,
                     );
                 }
-                Ok(Commands::Standalone {
-                    conns: conns.into(),
-                    next: Arc::new(AtomicUsize::new(0)),
+                Ok(Commands {
+                    conns: Conns::Standalone {
+                        conns: conns.into(),
+                        next: Arc::new(AtomicUsize::new(0)),
+                    },
+                    timeout: config.command_timeout,
                 })
             }
             RedisMode::Cluster { urls } => {
@@ -60,29 +71,61 @@ impl Commands {
                     builder = builder.certs(tls.certs.clone());
                 }
                 let client = builder.build()?;
-                Ok(Commands::Cluster(client.get_async_connection().await?))
+                Ok(Commands {
+                    conns: Conns::Cluster(client.get_async_connection().await?),
+                    timeout: config.command_timeout,
+                })
             }
         }
     }
 
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
-        match self {
-            Commands::Standalone { conns, next } => {
+        match &self.conns {
+            Conns::Standalone { conns, next } => {
                 let i = next.fetch_add(1, Ordering::Relaxed) % conns.len();
-                cmd.query_async(&mut conns[i].clone()).await
+                let mut conn = conns[i].clone();
+                self.bounded(async move { cmd.query_async(&mut conn).await })
+                    .await
             }
-            Commands::Cluster(conn) => cmd.query_async(&mut conn.clone()).await,
+            Conns::Cluster(conn) => {
+                let mut conn = conn.clone();
+                self.bounded(async move { cmd.query_async(&mut conn).await })
+                    .await
+            }
         }
     }
 
     /// Runs a pipeline whose keys all live in one slot.
     pub(crate) async fn pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> RedisResult<T> {
-        match self {
-            Commands::Standalone { conns, next } => {
+        match &self.conns {
+            Conns::Standalone { conns, next } => {
                 let i = next.fetch_add(1, Ordering::Relaxed) % conns.len();
-                pipe.query_async(&mut conns[i].clone()).await
+                let mut conn = conns[i].clone();
+                self.bounded(async move { pipe.query_async(&mut conn).await })
+                    .await
             }
-            Commands::Cluster(conn) => pipe.query_async(&mut conn.clone()).await,
+            Conns::Cluster(conn) => {
+                let mut conn = conn.clone();
+                self.bounded(async move { pipe.query_async(&mut conn).await })
+                    .await
+            }
+        }
+    }
+
+    /// `reply`, or a timeout error after `self.timeout`. The clients have
+    /// their own response timeouts, but the cluster client was seen waiting
+    /// forever, with no timer armed, for a cluster that had failed during a
+    /// failover test: a publish must end either way.
+    async fn bounded<T>(
+        &self,
+        reply: impl std::future::Future<Output = RedisResult<T>>,
+    ) -> RedisResult<T> {
+        match tokio::time::timeout(self.timeout, reply).await {
+            Ok(reply) => reply,
+            Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no reply from redis within {:?}", self.timeout),
+            ))),
         }
     }
 }

@@ -232,7 +232,12 @@ async fn sharded_pubsub_follows_a_master_failover() {
     stop.store(true, Ordering::SeqCst);
     for (i, task) in tasks.into_iter().enumerate() {
         if let Some(task) = task {
-            sent[i] = task.await.unwrap();
+            // A publish ends within command_timeout, so a stopped
+            // publisher finishes well within PATIENCE.
+            sent[i] = tokio::time::timeout(PATIENCE, task)
+                .await
+                .expect("a stopped publisher finishes")
+                .unwrap();
         }
     }
 

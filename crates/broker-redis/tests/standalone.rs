@@ -345,3 +345,28 @@ async fn age_trimming_removes_only_old_entries_and_marks_the_newest_of_them() {
     assert!(recovered(&room, "6000-0").await);
     assert!(!recovered(&room, "5000-0").await);
 }
+
+/// A Redis that stops answering (here `CLIENT PAUSE`) makes a publish fail
+/// after `command_timeout` instead of hanging the publisher.
+#[tokio::test]
+async fn a_publish_to_a_redis_that_does_not_answer_fails_within_the_command_timeout() {
+    let server = RedisServer::start().await;
+    let mut cfg = config(&server);
+    cfg.command_timeout = Duration::from_millis(300);
+    let (sink_a, _got_a) = sink();
+    let a = RedisBroker::connect(cfg, sink_a).await.unwrap();
+    a.publish(event(&["team:1"], 1)).await.unwrap();
+
+    let _: () = query(
+        server.url(),
+        redis::cmd("CLIENT").arg("PAUSE").arg(5000).arg("WRITE"),
+    )
+    .await;
+    let outcome = tokio::time::timeout(common::PATIENCE, a.publish(event(&["team:1"], 2))).await;
+    let _: () = query(server.url(), redis::cmd("CLIENT").arg("UNPAUSE")).await;
+    match outcome {
+        Ok(Err(BrokerError::Unavailable { .. })) => {}
+        Ok(other) => panic!("expected Unavailable, got {other:?}"),
+        Err(_) => panic!("the publish hung past {:?}", common::PATIENCE),
+    }
+}
