@@ -23,7 +23,7 @@ pub(crate) type LinkRead = Box<dyn AsyncRead + Send + Unpin>;
 pub(crate) type LinkWrite = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// Where a node is and how to log in to it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone)]
 pub(crate) struct Endpoint {
     pub(crate) host: String,
     pub(crate) port: u16,

@@ -23,8 +23,8 @@ pub(crate) struct TlsMaterial {
     pub(crate) client: TlsClient,
 }
 
-/// A rustls client for the subscriber links. Compared by identity: every
-/// link of one broker shares one.
+/// A rustls client for the subscriber links; every link of one broker
+/// shares one.
 #[derive(Clone)]
 pub(crate) struct TlsClient(Arc<TlsConnector>);
 
@@ -40,20 +40,6 @@ impl TlsClient {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host}: {e}"))
         })?;
         self.0.connect(name, stream).await
-    }
-}
-
-impl PartialEq for TlsClient {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-}
-
-impl Eq for TlsClient {}
-
-impl std::hash::Hash for TlsClient {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        std::ptr::hash(Arc::as_ptr(&self.0), state);
     }
 }
 
