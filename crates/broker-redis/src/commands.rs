@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, FromRedisValue, Pipeline, RedisResult};
+use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value};
 
 use crate::config::{RedisConfig, RedisMode};
 use crate::tls::TlsMaterial;
@@ -80,35 +80,22 @@ impl Commands {
     }
 
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
-        match &self.conns {
-            Conns::Standalone { conns, next } => {
-                let i = next.fetch_add(1, Ordering::Relaxed) % conns.len();
-                let mut conn = conns[i].clone();
-                self.bounded(async move { cmd.query_async(&mut conn).await })
-                    .await
-            }
-            Conns::Cluster(conn) => {
-                let mut conn = conn.clone();
-                self.bounded(async move { cmd.query_async(&mut conn).await })
-                    .await
-            }
-        }
+        self.bounded(cmd.query_async(&mut self.pick())).await
     }
 
     /// Runs a pipeline whose keys all live in one slot.
     pub(crate) async fn pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> RedisResult<T> {
+        self.bounded(pipe.query_async(&mut self.pick())).await
+    }
+
+    /// The connection for the next command (standalone: round robin).
+    fn pick(&self) -> Picked {
         match &self.conns {
             Conns::Standalone { conns, next } => {
                 let i = next.fetch_add(1, Ordering::Relaxed) % conns.len();
-                let mut conn = conns[i].clone();
-                self.bounded(async move { pipe.query_async(&mut conn).await })
-                    .await
+                Picked::Standalone(conns[i].clone())
             }
-            Conns::Cluster(conn) => {
-                let mut conn = conn.clone();
-                self.bounded(async move { pipe.query_async(&mut conn).await })
-                    .await
-            }
+            Conns::Cluster(conn) => Picked::Cluster(conn.clone()),
         }
     }
 
@@ -126,6 +113,41 @@ impl Commands {
                 std::io::ErrorKind::TimedOut,
                 format!("no reply from redis within {:?}", self.timeout),
             ))),
+        }
+    }
+}
+
+/// One command connection of either mode (clones share the underlying
+/// multiplexed connection).
+enum Picked {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Picked {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Picked::Standalone(c) => c.req_packed_command(cmd),
+            Picked::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Picked::Standalone(c) => c.req_packed_commands(pipeline, offset, count),
+            Picked::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Picked::Standalone(c) => c.get_db(),
+            Picked::Cluster(c) => c.get_db(),
         }
     }
 }
