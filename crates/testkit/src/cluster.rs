@@ -66,9 +66,10 @@ impl RedisCluster {
 
     /// Like [`RedisCluster::start`], and every node also takes TLS clients
     /// (no client certificate) on a second port with the server certificate
-    /// of `certs`: reach them through [`RedisCluster::tls_urls`]. The bus
-    /// and the plain ports, which the helpers use, stay plain; a TLS client
-    /// is told the TLS ports in `CLUSTER SLOTS` and in redirects.
+    /// of `certs`: reach them through [`RedisCluster::tls_urls`]. The bus and
+    /// replication use TLS too (`tls-cluster yes`), which is what makes a
+    /// TLS client be told the TLS ports in `CLUSTER SLOTS` and in redirects;
+    /// the plain ports, which the helpers use, stay open.
     pub async fn start_tls(masters: usize, certs: &TestCerts) -> RedisCluster {
         Self::launch(masters, 0, NODE_TIMEOUT_MS, Some(certs)).await
     }
@@ -103,10 +104,8 @@ impl RedisCluster {
         while cluster.ports.len() < nodes {
             let port = free_cluster_port(&cluster.all_ports());
             // With `tls-cluster yes` the bus listens on the TLS port + 10000.
-            let tls_port = match tls {
-                Some(_) => free_cluster_port(&[cluster.all_ports(), vec![port]].concat()),
-                None => 0,
-            };
+            let tls_port =
+                tls.map(|_| free_cluster_port(&[cluster.all_ports(), vec![port]].concat()));
             let dir = temp_dir("cluster");
             let mut args = vec![
                 "--cluster-enabled",
@@ -125,7 +124,7 @@ impl RedisCluster {
             .into_iter()
             .map(String::from)
             .collect::<Vec<_>>();
-            if let Some(certs) = tls {
+            if let (Some(certs), Some(tls_port)) = (tls, tls_port) {
                 args.extend(tls_args(tls_port, certs, ClientAuth::Off));
                 // Only then does `CLUSTER SLOTS` tell a TLS client the TLS
                 // ports (Redis 7.0); the bus and replication go over TLS too.
@@ -134,9 +133,7 @@ impl RedisCluster {
             let mut child = spawn_server(port, &dir, &as_strs(&args));
             if wait_ready(port, &mut child).await {
                 cluster.ports.push(port);
-                if tls.is_some() {
-                    cluster.tls_ports.push(tls_port);
-                }
+                cluster.tls_ports.extend(tls_port);
                 cluster.children.push(Some(child));
             }
             cluster.dirs.push(dir);
