@@ -342,6 +342,7 @@ impl Actor {
                 conn.pending.remove(&channel);
                 conn.subscribed.remove(&channel);
                 if self.shared.wants(&channel) {
+                    self.shared.interrupted([&channel]);
                     // Redis dropped a room we want: its slot moved away.
                     tracing::info!(addr = %addr, channel = %String::from_utf8_lossy(&channel),
                         "redis dropped a sharded subscription (slot moved); following it");
@@ -388,6 +389,8 @@ impl Actor {
         if let Some(conn) = link.conn.take() {
             conn.reader.abort();
             tracing::warn!(addr = %addr, reason, "redis subscriber connection lost");
+            self.shared
+                .interrupted(conn.subscribed.iter().chain(conn.pending.iter()));
         }
         self.state = State::Recovering;
         self.shared.set_healthy(false);
@@ -444,11 +447,13 @@ impl Actor {
                     }
                 }
                 // Masters that own no slot any more are let go.
+                let shared = &self.shared;
                 self.links.retain(|addr, link| {
                     let keep = masters.contains(addr);
                     if !keep {
                         if let Some(conn) = link.conn.take() {
                             conn.reader.abort();
+                            shared.interrupted(conn.subscribed.iter().chain(conn.pending.iter()));
                         }
                         if let Some(task) = link.connecting.take() {
                             task.abort();

@@ -117,6 +117,17 @@ impl Shared {
         }
     }
 
+    /// Tells the sink that the wanted rooms among `channels` lost their
+    /// subscription (see [`EventSink::interrupted`]).
+    pub(crate) fn interrupted<'a>(&self, channels: impl IntoIterator<Item = &'a Box<[u8]>>) {
+        let rooms = self.rooms.read().unwrap_or_else(|p| p.into_inner());
+        for channel in channels {
+            if let Some(room) = rooms.get(channel) {
+                self.sink.interrupted(room);
+            }
+        }
+    }
+
     /// Hands what `batch` holds to the sink and empties it. Runs on a reader
     /// task; never blocks beyond the sink's `deliver_batch`.
     pub(crate) fn deliver(&self, batch: &mut Batch) {

@@ -49,6 +49,13 @@ pub trait EventSink: Send + Sync + 'static {
         }
     }
 
+    /// The broker lost `room`'s subscription (its connection, or its slot
+    /// moved): events published from now on may miss the sink live until
+    /// the next [`EventSink::resynced`]. A sink that fills such gaps from
+    /// history holds the room's live events until then, so that they follow
+    /// the missed ones instead of overtaking them.
+    fn interrupted(&self, _room: &RoomKey) {}
+
     /// The broker's connection was lost and is back, with every room
     /// resubscribed: events published in between may be missing live.
     fn resynced(&self) {}

@@ -44,10 +44,39 @@ struct Room {
     /// Newest event delivered here, to fill a gap after a broker reconnect
     /// and to drop an event seen twice (overlapping subscriptions).
     last_id: EventId,
-    /// While the room refills from history after a broker reconnect, live
-    /// events wait here.
-    resync: Option<Vec<Arc<Event>>>,
+    /// Set from the moment the broker loses the room's subscription until
+    /// its gap is refilled from history: live events wait here meanwhile.
+    resync: Option<Resync>,
 }
+
+/// A room whose live events wait for a history refill.
+#[derive(Default)]
+struct Resync {
+    /// Live events received meanwhile, in order; fanned out after the
+    /// refill (those it already delivered are dropped by id).
+    waiting: Vec<Arc<Event>>,
+    /// A refill is reading history; before that the room waits for the
+    /// broker to say it is back.
+    refilling: bool,
+    /// What the broker said while the refill ran, for after it.
+    after: AfterRefill,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum AfterRefill {
+    /// Nothing: deliver live again.
+    #[default]
+    Release,
+    /// The subscription was lost again: hold until the broker is back.
+    Hold,
+    /// The broker resynced once more: refill again from where this ended.
+    Refill,
+}
+
+/// Most live events a room holds while it waits for the broker to be back
+/// (other rooms may still be down, e.g. a Cluster master being replaced);
+/// past it the room refills on its own, since its events arrive again.
+const MAX_HELD: usize = 1_000;
 
 /// One renderer's output for the event being fanned out.
 struct Rendered {
@@ -436,11 +465,28 @@ impl Hub {
         let Some(room) = shard.get_mut(key) else {
             return;
         };
-        if let Some(waiting) = room.resync.as_mut() {
-            waiting.push(event.clone());
+        if let Some(resync) = room.resync.as_mut() {
+            resync.waiting.push(event.clone());
+            if !resync.refilling && resync.waiting.len() >= MAX_HELD {
+                resync.refilling = true;
+                tracing::info!(room = %key, "room held long enough while the broker recovers; refilling it now");
+                self.spawn_refill(vec![(key.clone(), room.last_id)]);
+            }
             return;
         }
         self.fan_out_locked(key, room, event, deferred);
+    }
+
+    /// Refills `rooms` (each from the id given) one after the other.
+    fn spawn_refill(&self, rooms: Vec<(RoomKey, EventId)>) {
+        let Some(hub) = self.me.get().and_then(|w| w.upgrade()) else {
+            return;
+        };
+        tokio::spawn(async move {
+            for (key, since) in rooms {
+                hub.refill(&key, since).await;
+            }
+        });
     }
 
     fn record_arrival(&self, event: &Event) {
@@ -615,17 +661,29 @@ impl EventSink for Hub {
         }
     }
 
-    fn resynced(&self) {
-        let Some(hub) = self.me.get().and_then(|w| w.upgrade()) else {
+    fn interrupted(&self, key: &RoomKey) {
+        let mut shard = self.shard(key).write().unwrap_or_else(|p| p.into_inner());
+        let Some(room) = shard.get_mut(key) else {
             return;
         };
+        match &mut room.resync {
+            None => room.resync = Some(Resync::default()),
+            Some(resync) if resync.refilling => resync.after = AfterRefill::Hold,
+            Some(_) => {}
+        }
+    }
+
+    fn resynced(&self) {
         // Every room holds its live events while it refills from history.
         let mut rooms = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = shard.write().unwrap_or_else(|p| p.into_inner());
             for (key, room) in shard.iter_mut() {
-                if room.resync.is_none() {
-                    room.resync = Some(Vec::new());
+                let resync = room.resync.get_or_insert_with(Resync::default);
+                if resync.refilling {
+                    resync.after = AfterRefill::Refill;
+                } else {
+                    resync.refilling = true;
                     rooms.push((key.clone(), room.last_id));
                 }
             }
@@ -634,11 +692,7 @@ impl EventSink for Hub {
             rooms = rooms.len(),
             "broker resynced; refilling rooms from history"
         );
-        tokio::spawn(async move {
-            for (key, since) in rooms {
-                hub.refill(&key, since).await;
-            }
-        });
+        self.spawn_refill(rooms);
     }
 }
 
@@ -737,7 +791,7 @@ impl Hub {
         let Some(room) = shard.get_mut(key) else {
             return;
         };
-        let waiting = room.resync.take().unwrap_or_default();
+        let Resync { waiting, after, .. } = room.resync.take().unwrap_or_default();
         match history {
             Ok((events, _)) => {
                 for event in &events {
@@ -750,6 +804,17 @@ impl Hub {
         }
         for event in &waiting {
             self.fan_out_locked(key, room, event, None);
+        }
+        match after {
+            AfterRefill::Release => {}
+            AfterRefill::Hold => room.resync = Some(Resync::default()),
+            AfterRefill::Refill => {
+                room.resync = Some(Resync {
+                    refilling: true,
+                    ..Resync::default()
+                });
+                self.spawn_refill(vec![(key.clone(), room.last_id)]);
+            }
         }
     }
 

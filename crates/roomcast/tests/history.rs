@@ -7,7 +7,9 @@ mod support;
 
 use std::time::Duration;
 
-use roomcast_testkit::{unique_prefix, RedisServer};
+use roomcast_broker_redis::room_channel;
+use roomcast_protocol::RoomKey;
+use roomcast_testkit::{query, redis_cli, unique_prefix, RedisCluster, RedisServer};
 use serde_json::{json, Value};
 use support::*;
 
@@ -193,6 +195,126 @@ async fn a_node_fills_the_gap_after_redis_comes_back() {
         client.events_until("fence").await.is_empty(),
         "no duplicate"
     );
+}
+
+/// A room whose subscription was lost holds its live events until the gap
+/// is refilled, even when its subscription is back before the others are:
+/// an event that reached history while the node was away is delivered
+/// before a later one that arrived live, and neither is lost.
+#[tokio::test]
+async fn live_events_wait_while_a_lost_room_is_refilled() {
+    let cluster = RedisCluster::start(3).await;
+    let prefix = unique_prefix();
+    let key = |room: &str| RoomKey::new(TENANT.parse().unwrap(), room.parse().unwrap());
+    let slot = |room: &str| RedisCluster::slot_of(&room_channel(&prefix, &key(room)));
+    // Two rooms on one master, in different slots (so they are subscribed
+    // with separate commands and one can be refused alone).
+    let master = cluster.owner_of(slot("team:1"));
+    let other = (2..200)
+        .map(|n| format!("team:{n}"))
+        .find(|r| cluster.owner_of(slot(r)) == master && slot(r) != slot("team:1"))
+        .expect("some room shares team:1's master");
+    let team1_channel = room_channel(&prefix, &key("team:1"));
+    // The node logs in as a user whose channel rights the test can take away.
+    for url in cluster.urls() {
+        let ok = redis_cli(
+            &url,
+            &["ACL", "SETUSER", "node", "on", ">pw", "~*", "&*", "+@all"],
+        );
+        assert_eq!(ok, "OK");
+    }
+    let node_urls: Vec<String> = cluster
+        .ports()
+        .iter()
+        .map(|p| format!("redis://node:pw@127.0.0.1:{p}"))
+        .collect();
+    let node = TestNode::start(config(Backend::Cluster(&node_urls), &prefix)).await;
+    let teams = ["1", other.trim_start_matches("team:")];
+    let mut client = node.connect(&token("u1", &teams)).await;
+    client.subscribe_all(&["team:1", &other]).await;
+    node.publish(&numbered(0)).await;
+    assert_eq!(client.next_event().await["data"]["seq"], 0);
+
+    // Taking the other room away makes Redis drop the node's subscriber
+    // connection to that master; the node comes back with team:1 but is
+    // refused the other room, so it is not resynced yet.
+    let admin = cluster.urls()[master].clone();
+    let subscribers = |url: &str| redis_cli(url, &["CLIENT", "LIST", "TYPE", "pubsub"]);
+    let before: Vec<String> = subscribers(&admin).lines().map(client_id).collect();
+    let ok = redis_cli(
+        &admin,
+        &[
+            "ACL",
+            "SETUSER",
+            "node",
+            "resetchannels",
+            &format!("&{team1_channel}"),
+        ],
+    );
+    assert_eq!(ok, "OK");
+    eventually("the node resubscribes team:1 alone", RECOVERY, || async {
+        subscribers(&admin)
+            .lines()
+            .any(|l| !before.contains(&client_id(l)) && l.contains(" ssub=1 "))
+    })
+    .await;
+    // One event reaches history only (as if published while the node was
+    // away), the next one reaches the node live.
+    let missed = direct_event(1);
+    let stream = roomcast_broker_redis::room_stream(&prefix, &key("team:1"));
+    let id: String = query(
+        &admin,
+        redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("e")
+            .arg(missed.encode_envelope()),
+    )
+    .await;
+    assert!(id.contains('-'), "XADD: {id}");
+    let mut direct = roomcast_broker_redis::RedisConfig::cluster(cluster.urls());
+    direct.prefix = prefix.clone();
+    roomcast_broker_redis::publish_direct(&direct, direct_event(2))
+        .await
+        .expect("cluster is up");
+    // The node is resynced once it may subscribe the other room again.
+    for url in cluster.urls() {
+        assert_eq!(
+            redis_cli(&url, &["ACL", "SETUSER", "node", "allchannels"]),
+            "OK"
+        );
+    }
+    assert_eq!(
+        client.next_event().await["data"]["seq"],
+        1,
+        "the event that only reached history comes first"
+    );
+    assert_eq!(client.next_event().await["data"]["seq"], 2);
+    node.publish(&event(&["team:1"], "fence", json!({}))).await;
+    assert!(
+        client.events_until("fence").await.is_empty(),
+        "no duplicate"
+    );
+}
+
+/// The `id=` of a `CLIENT LIST` line.
+fn client_id(line: &str) -> String {
+    line.split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Event `seq` of team:1, as a domain service would publish it.
+fn direct_event(seq: u64) -> roomcast_protocol::Event {
+    roomcast_protocol::Event::decode(
+        numbered(seq).to_string().as_bytes(),
+        &roomcast_protocol::EventDefaults {
+            tenant: None,
+            now_ms: now_ms(),
+        },
+    )
+    .unwrap()
 }
 
 fn now_ms() -> u64 {
