@@ -50,6 +50,8 @@ SPECIAL = {
     # Checked by the node only while broadcast_cap > 0 (the default), where it
     # must be a percentage; outside that it means nothing.
     ("dialects", "seed004", "batch_at_percent"): {"type": "integer", "minimum": 1, "maximum": 100},
+    # A node refuses more.
+    ("broker", "fanout_lanes"): {"type": "integer", "minimum": 0, "maximum": 64},
 }
 # The smallest value a node accepts for an integer, where that is more than 0
 # (Config::validate and the dialects' settings); the other integers take 0. A

@@ -56,7 +56,8 @@ impl RedisBroker {
             },
         };
         let config = Arc::new(config);
-        let shared = Arc::new(Shared::new(sink));
+        let shared = Arc::new(Shared::new(sink, config.fanout_lanes));
+        metrics::gauge!("roomcast_redis_fanout_lanes").set(shared.lanes() as f64);
         let (tx, rx) = mpsc::unbounded_channel();
         Actor::spawn(shared.clone(), config.clone(), mode, rx);
         if !shared.wait_healthy(config.command_timeout).await {

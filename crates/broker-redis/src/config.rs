@@ -72,7 +72,17 @@ pub struct RedisConfig {
     /// First and largest delay between reconnect attempts.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Tasks that hand received events to the sink, each for a fixed share
+    /// of the rooms (so a room's events stay in order): the node's fan-out
+    /// runs on this many threads at once instead of on each connection's
+    /// reader. `1` (the default): on the reader itself, with no hand-off;
+    /// `0`: one per runtime worker thread. More lanes pay off only where
+    /// the node has cores to spare (docs/performance.md, run 41).
+    pub fanout_lanes: usize,
 }
+
+/// Most fan-out lanes a node may ask for.
+pub const MAX_FANOUT_LANES: usize = 64;
 
 impl RedisConfig {
     /// The defaults for a mode: prefix `rc:`, default history caps,
@@ -91,6 +101,7 @@ impl RedisConfig {
             keepalive: Duration::from_secs(5),
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            fanout_lanes: 1,
         }
     }
 
@@ -122,6 +133,9 @@ impl RedisConfig {
         }?;
         if self.pool_size == 0 {
             return Err(ConfigError::PoolSize);
+        }
+        if self.fanout_lanes > MAX_FANOUT_LANES {
+            return Err(ConfigError::FanoutLanes(self.fanout_lanes));
         }
         let tls = self.uses_tls()?;
         if !tls && self.tls.any_set() {
@@ -171,6 +185,8 @@ pub enum ConfigError {
     NoUrl,
     #[error("redis pool_size must be at least 1")]
     PoolSize,
+    #[error("broker.fanout_lanes = {0}: at most {MAX_FANOUT_LANES} (0: one per worker thread)")]
+    FanoutLanes(usize),
     #[error("redis url `{url}`: {source}")]
     Url {
         url: String,

@@ -138,7 +138,7 @@ pub(crate) async fn read_loop(
     let mut batch = Batch::with_capacity(MAX_BATCH);
     let reason = loop {
         if batch.len() >= MAX_BATCH || !resp::holds_frame(reader.buffer()) {
-            shared.deliver(&mut batch);
+            shared.deliver(&mut batch).await;
         }
         let frame = match tokio::time::timeout(idle, resp::read_frame(&mut reader)).await {
             Ok(Ok(frame)) => frame,
@@ -146,7 +146,7 @@ pub(crate) async fn read_loop(
             Err(_) => break format!("no reply for {idle:?}"),
         };
         if !matches!(&frame, Frame::Array(Some(items)) if is_message(items)) {
-            shared.deliver(&mut batch);
+            shared.deliver(&mut batch).await;
         }
         match frame {
             Frame::Array(Some(items)) => {
@@ -181,7 +181,7 @@ pub(crate) async fn read_loop(
             _ => {}
         }
     };
-    shared.deliver(&mut batch);
+    shared.deliver(&mut batch).await;
     let _ = events.send(Msg::Link(LinkEvent::Closed { conn_id, reason }));
 }
 

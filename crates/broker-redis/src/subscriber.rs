@@ -12,6 +12,7 @@ use roomcast_broker::EventSink;
 use roomcast_protocol::{Event, EventDefaults, EventId, RoomKey};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::lanes::Lanes;
 use crate::link::Connected;
 use crate::topology::SlotMap;
 
@@ -58,16 +59,25 @@ pub(crate) struct Shared {
     /// Woken whenever `healthy` is set.
     pub(crate) health_changed: tokio::sync::Notify,
     pub(crate) sink: Arc<dyn EventSink>,
+    /// Where the readers hand received events over.
+    lanes: Lanes,
 }
 
 impl Shared {
-    pub(crate) fn new(sink: Arc<dyn EventSink>) -> Self {
+    /// With `lanes` fan-out lanes (see [`crate::RedisConfig::fanout_lanes`]).
+    pub(crate) fn new(sink: Arc<dyn EventSink>, lanes: usize) -> Self {
         Self {
             rooms: RwLock::new(HashMap::new()),
             healthy: AtomicBool::new(false),
             health_changed: tokio::sync::Notify::new(),
+            lanes: Lanes::start(sink.clone(), lanes),
             sink,
         }
+    }
+
+    /// How many fan-out lanes the node runs.
+    pub(crate) fn lanes(&self) -> usize {
+        self.lanes.count()
     }
 
     pub(crate) fn healthy(&self) -> bool {
@@ -128,13 +138,10 @@ impl Shared {
         }
     }
 
-    /// Hands what `batch` holds to the sink and empties it. Runs on a reader
-    /// task; never blocks beyond the sink's `deliver_batch`.
-    pub(crate) fn deliver(&self, batch: &mut Batch) {
-        if !batch.is_empty() {
-            self.sink.deliver_batch(batch);
-            batch.clear();
-        }
+    /// Hands what `batch` holds to the sink, through the fan-out lanes, and
+    /// empties it. Runs on a reader task; waits only while a lane is full.
+    pub(crate) async fn deliver(&self, batch: &mut Batch) {
+        self.lanes.deliver(batch).await;
     }
 }
 

@@ -370,3 +370,46 @@ async fn a_publish_to_a_redis_that_does_not_answer_fails_within_the_command_time
         Err(_) => panic!("the publish hung past {:?}", common::PATIENCE),
     }
 }
+
+/// With several fan-out lanes the rooms' events are handed over on the
+/// lanes' tasks, and each room's still arrive complete and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fan_out_lanes_keep_each_room_complete_and_in_order() {
+    let server = RedisServer::start().await;
+    let mut cfg = config(&server);
+    cfg.fanout_lanes = 4;
+    let (s, mut got) = sink();
+    let node = RedisBroker::connect(cfg.clone(), s).await.unwrap();
+    let rooms: Vec<String> = (0..16).map(|n| format!("team:{n}")).collect();
+    for room in &rooms {
+        node.subscribe(&key("acme", room)).await.unwrap();
+    }
+    const PER_ROOM: u64 = 25;
+    // One publisher per room, all at once, so that a read of the
+    // subscription holds messages of several rooms.
+    let publisher = RedisBroker::connect(cfg, sink().0).await.unwrap();
+    let publishers: Vec<_> = rooms
+        .iter()
+        .map(|room| {
+            let (publisher, room) = (publisher.clone(), room.clone());
+            tokio::spawn(async move {
+                for n in 1..=PER_ROOM {
+                    publisher.publish(event(&[&room], n)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let mut last: std::collections::HashMap<String, (u64, EventId)> = Default::default();
+    for _ in 0..rooms.len() as u64 * PER_ROOM {
+        let (room, ev) = got.next().await;
+        let (n, id) = last.entry(room.room.to_string()).or_default();
+        assert_eq!(n_of(&ev), *n + 1, "{room}: in order, none missing");
+        assert!(ev.id > *id, "{room}: ids increase");
+        (*n, *id) = (n_of(&ev), ev.id);
+    }
+    assert!(last.values().all(|(n, _)| *n == PER_ROOM));
+    got.assert_empty();
+}

@@ -296,7 +296,14 @@ pub struct BrokerSettings {
     pub history_max_age: Duration,
     /// Caps for particular room kinds (e.g. `task`), overriding the two above.
     pub history_kinds: std::collections::BTreeMap<String, HistoryKindCap>,
+    /// Tasks fanning out the events received from Redis, each for a fixed
+    /// share of the rooms; `1`: on each connection's reader; `0`: one per
+    /// worker thread.
+    pub fanout_lanes: usize,
 }
+
+/// Most `broker.fanout_lanes` a node takes (the Redis broker's own limit).
+const MAX_FANOUT_LANES: usize = 64;
 
 /// A room kind's own history cap.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -319,6 +326,7 @@ impl Default for BrokerSettings {
             history_max_len: 1000,
             history_max_age: Duration::from_secs(3600),
             history_kinds: std::collections::BTreeMap::new(),
+            fanout_lanes: 1,
         }
     }
 }
@@ -456,6 +464,13 @@ impl Config {
             // The memory broker would ignore them: say so instead.
             return err("broker.tls_* files need a rediss:// broker.redis or broker.redis_cluster");
         }
+        if b.fanout_lanes > MAX_FANOUT_LANES {
+            return err("broker.fanout_lanes must be at most 64 (0: one per worker thread)");
+        }
+        if b.fanout_lanes != 1 && b.redis.is_none() && b.redis_cluster.is_empty() {
+            // The memory broker fans out on the publisher's task: no lanes.
+            return err("broker.fanout_lanes applies to a Redis broker: set broker.redis or broker.redis_cluster");
+        }
         if self.publish.max_in_flight == 0 || self.publish.max_delivery_lag.is_zero() {
             return err("publish.max_in_flight and publish.max_delivery_lag must be positive");
         }
@@ -549,6 +564,19 @@ mod tests {
         assert!(e.contains("broker.tls_"), "{e}");
         c.broker.redis = Some("rediss://redis:6380".into());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn fanout_lanes_are_bounded_and_need_redis() {
+        let mut c: Config = toml::from_str("[broker]\nfanout_lanes = 4").unwrap();
+        c.auth.jwt_secret = Some("s3cret".into());
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("broker.fanout_lanes"), "{e}");
+        c.broker.redis = Some("redis://redis:6379".into());
+        c.validate().unwrap();
+        c.broker.fanout_lanes = MAX_FANOUT_LANES + 1;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("at most 64"), "{e}");
     }
 
     /// Settings that would make a node refuse every subscribe or every

@@ -107,6 +107,10 @@ pub(crate) struct ServeArgs {
     pub(crate) history_max_len: Option<usize>,
     #[arg(long, env = "ROOMCAST_HISTORY_MAX_AGE", value_parser = parse_duration)]
     pub(crate) history_max_age: Option<Duration>,
+    /// Tasks fanning out the events received from Redis, each for a fixed
+    /// share of the rooms (default 1: on the reader; 0: one per worker thread).
+    #[arg(long, env = "ROOMCAST_FANOUT_LANES")]
+    pub(crate) fanout_lanes: Option<usize>,
     #[arg(long, env = "ROOMCAST_MAX_CONNECTIONS")]
     pub(crate) max_connections: Option<usize>,
     #[arg(long, env = "ROOMCAST_MAX_MESSAGE_BYTES")]

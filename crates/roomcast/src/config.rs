@@ -50,6 +50,7 @@ pub(crate) fn load(args: &ServeArgs) -> anyhow::Result<Config> {
         c.broker.prefix => args.redis_prefix,
         c.broker.history_max_len => args.history_max_len,
         c.broker.history_max_age => args.history_max_age,
+        c.broker.fanout_lanes => args.fanout_lanes,
         c.broker.tls_ca_file => args.redis_tls.redis_tls_ca_file,
         c.broker.tls_cert_file => args.redis_tls.redis_tls_cert_file,
         c.broker.tls_key_file => args.redis_tls.redis_tls_key_file,

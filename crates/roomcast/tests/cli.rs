@@ -343,3 +343,44 @@ async fn a_subscriber_that_cannot_reconnect_warns_with_the_reason() {
     let error = line["fields"]["error"].as_str().unwrap_or_default();
     assert!(error.contains("refused"), "the reason is given: {line}");
 }
+
+/// `--fanout-lanes` reaches the Redis broker (its gauge says how many run)
+/// and out-of-range or brokerless settings are refused at start.
+#[tokio::test]
+async fn fanout_lanes_are_set_by_flag_and_checked() {
+    let redis = roomcast_testkit::RedisServer::start().await;
+    let prefix = roomcast_testkit::unique_prefix();
+    let node = NodeProcess::spawn(&[
+        "--redis",
+        redis.url(),
+        "--redis-prefix",
+        &prefix,
+        "--fanout-lanes",
+        "3",
+    ])
+    .await;
+    let (status, body) =
+        roomcast_testkit::http_request(node.addr, "GET", "/metrics", &[], "").await;
+    assert_eq!(status, 200);
+    assert!(
+        body.lines().any(|l| l == "roomcast_redis_fanout_lanes 3"),
+        "{body}"
+    );
+    for (args, says) in [
+        (
+            vec!["--redis", redis.url(), "--fanout-lanes", "65"],
+            "at most 64",
+        ),
+        (vec!["--fanout-lanes", "2"], "applies to a Redis broker"),
+    ] {
+        let out = roomcast()
+            .args(["serve", "--listen", "127.0.0.1:0", "--jwt-secret", SECRET])
+            .args(&args)
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} is refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}

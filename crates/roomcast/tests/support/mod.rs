@@ -65,6 +65,7 @@ pub fn redis_config(config: &Config) -> RedisConfig {
     let mut redis = RedisConfig::new(mode);
     redis.prefix = b.prefix.clone();
     redis.history = roomcast_edge::history_policy(config);
+    redis.fanout_lanes = b.fanout_lanes;
     redis
 }
 
