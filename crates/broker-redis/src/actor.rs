@@ -27,8 +27,31 @@ use crate::topology::{parse_moved, SlotMap};
 
 mod reconcile;
 
-/// Least time between two warnings that one link cannot (re)connect.
-const CONNECT_WARN_EVERY: Duration = Duration::from_secs(60);
+/// Least time between two warnings of one kind (a link that cannot
+/// (re)connect, Redis refusing subscriptions): an operator must see why,
+/// but a problem that lasts should not flood the log.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Says whether a repeated warning is due: the first time, then at most
+/// once per [`WARN_EVERY`]; the others go to debug.
+#[derive(Default)]
+struct WarnEvery {
+    last: Option<Instant>,
+}
+
+impl WarnEvery {
+    fn due(&mut self) -> bool {
+        self.due_at(Instant::now())
+    }
+
+    fn due_at(&mut self, now: Instant) -> bool {
+        let due = self.last.is_none_or(|at| now - at >= WARN_EVERY);
+        if due {
+            self.last = Some(now);
+        }
+        due
+    }
+}
 
 /// Channels per SUBSCRIBE command when resubscribing many rooms.
 const BATCH: usize = 256;
@@ -89,6 +112,7 @@ pub(crate) struct Actor {
     topology_again: bool,
     /// Channels to look at on the next reconcile; `None` means all.
     dirty: Option<HashSet<Box<[u8]>>>,
+    refused_warn: WarnEvery,
 }
 
 impl Actor {
@@ -116,6 +140,7 @@ impl Actor {
             topology_in_flight: false,
             topology_again: false,
             dirty: None,
+            refused_warn: WarnEvery::default(),
         };
         tokio::spawn(async move { actor.run(commands, inbox).await })
     }
@@ -237,7 +262,7 @@ impl Actor {
         let mut backoff = Backoff::new(self.config.backoff_base, self.config.backoff_max);
         let task = tokio::spawn(async move {
             let mut wait = delay_first;
-            let mut warned: Option<tokio::time::Instant> = None;
+            let mut warn = WarnEvery::default();
             loop {
                 if wait {
                     tokio::time::sleep(backoff.next_delay()).await;
@@ -252,11 +277,8 @@ impl Actor {
                         return;
                     }
                     Err(e) => {
-                        // An operator must see why (refused, TLS, AUTH), but a
-                        // long outage should not flood the log: once a minute.
-                        let now = tokio::time::Instant::now();
-                        if warned.is_none_or(|at| now - at >= CONNECT_WARN_EVERY) {
-                            warned = Some(now);
+                        // Why matters (refused, TLS, AUTH); once a minute.
+                        if warn.due() {
                             tracing::warn!(addr = %addr, error = %e, attempt = backoff.attempts(), "redis subscriber cannot connect; retrying");
                         } else {
                             tracing::debug!(addr = %addr, error = %e, attempt = backoff.attempts(), "redis subscriber connect failed");
@@ -352,7 +374,13 @@ impl Actor {
                 }
             }
             LinkEvent::ServerError { conn_id, message } => {
-                tracing::warn!(error = %message, "redis refused a subscription command");
+                // Retried every HOLD_AFTER_ERROR: a lasting refusal (an ACL
+                // without the node's channels) is told once a minute.
+                if self.refused_warn.due() {
+                    tracing::warn!(error = %message, "redis refused a subscription command");
+                } else {
+                    tracing::debug!(error = %message, "redis refused a subscription command");
+                }
                 if let Some((_, conn)) = self.conn_by_id(conn_id) {
                     conn.pending.clear();
                 }
@@ -516,5 +544,22 @@ impl Actor {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_warning_is_due_first_then_once_a_minute() {
+        let start = Instant::now();
+        let mut warn = WarnEvery::default();
+        // Two minutes of retries HOLD_AFTER_ERROR apart.
+        let told: Vec<Duration> = (0..=600)
+            .map(|i| HOLD_AFTER_ERROR * i)
+            .filter(|&t| warn.due_at(start + t))
+            .collect();
+        assert_eq!(told, [0, 60, 120].map(Duration::from_secs));
     }
 }
