@@ -55,6 +55,7 @@ impl RedisBroker {
                 commands: commands.clone(),
             },
         };
+        let tls_client = tls_client.cloned();
         let config = Arc::new(config);
         let shared = Arc::new(Shared::new(sink, config.fanout_lanes));
         metrics::gauge!("roomcast_redis_fanout_lanes").set(shared.lanes() as f64);
@@ -63,12 +64,18 @@ impl RedisBroker {
         if !shared.wait_healthy(config.command_timeout).await {
             tracing::warn!("redis subscriber not up yet; it keeps trying");
         }
-        Ok(Arc::new(RedisBroker {
+        let broker = Arc::new(RedisBroker {
             names: Names::new(&config.prefix),
             config,
             commands,
             subscriber: Subscriber { tx, shared },
-        }))
+        });
+        if let (Some(material), Some(client)) = (tls, tls_client) {
+            if !broker.config.tls_reload.is_zero() {
+                tokio::spawn(reload_tls(Arc::downgrade(&broker), client, material.files));
+            }
+        }
+        Ok(broker)
     }
 
     pub fn config(&self) -> &RedisConfig {
@@ -95,6 +102,57 @@ impl RedisBroker {
 
     fn sharded(&self) -> bool {
         matches!(self.config.mode, RedisMode::Cluster { .. })
+    }
+}
+
+/// Reads the TLS files every `tls_reload` while the broker lives. When
+/// they changed, new command connections are made with them first: only if
+/// those work do the command path and the subscriber links (on their next
+/// connect) switch, so a half-written or wrong rotation keeps the node on
+/// what works, and is tried again at the next read.
+async fn reload_tls(
+    broker: std::sync::Weak<RedisBroker>,
+    links: tls::TlsClient,
+    mut current: tls::TlsFiles,
+) {
+    let every = match broker.upgrade() {
+        Some(b) => b.config.tls_reload,
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(broker) = broker.upgrade() else {
+            return;
+        };
+        let config = &broker.config;
+        let material = match tls::reloaded(&config.tls, &current) {
+            Ok(Some(material)) => material,
+            Ok(None) => continue,
+            Err(e) => {
+                metrics::counter!("roomcast_redis_tls_reloads_total", "outcome" => "failed")
+                    .increment(1);
+                tracing::warn!(error = %e, "redis TLS files changed but cannot be used; keeping the current ones");
+                continue;
+            }
+        };
+        match Commands::connect(config, Some(&material)).await {
+            Ok(commands) => {
+                broker.commands.replace_with(&commands);
+                links.replace_with(&material.client);
+                current = material.files;
+                metrics::counter!("roomcast_redis_tls_reloads_total", "outcome" => "ok")
+                    .increment(1);
+                tracing::info!("redis TLS files changed; new connections use them");
+            }
+            Err(e) => {
+                metrics::counter!("roomcast_redis_tls_reloads_total", "outcome" => "failed")
+                    .increment(1);
+                tracing::warn!(error = %e, "redis TLS files changed but Redis refuses them; keeping the current ones");
+            }
+        }
     }
 }
 

@@ -4,7 +4,7 @@
 //! MOVED/ASK) in Cluster mode.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -15,10 +15,11 @@ use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value};
 use crate::config::{RedisConfig, RedisMode};
 use crate::tls::TlsMaterial;
 
-/// Command connections of one node. Cheap to clone.
+/// Command connections of one node. Cheap to clone; clones share the
+/// connections, and [`Commands::replace_with`] replaces them for all.
 #[derive(Clone)]
 pub(crate) struct Commands {
-    conns: Conns,
+    conns: Arc<RwLock<Conns>>,
     /// Longest any command may take, whatever the client library waits for.
     timeout: Duration,
 }
@@ -55,13 +56,13 @@ impl Commands {
                         ConnectionManager::new_with_config(client.clone(), cfg.clone()).await?,
                     );
                 }
-                Ok(Commands {
-                    conns: Conns::Standalone {
+                Ok(Commands::new(
+                    Conns::Standalone {
                         conns: conns.into(),
                         next: Arc::new(AtomicUsize::new(0)),
                     },
-                    timeout: config.command_timeout,
-                })
+                    config.command_timeout,
+                ))
             }
             RedisMode::Cluster { urls } => {
                 let mut builder = ClusterClientBuilder::new(urls.iter().map(String::as_str))
@@ -71,12 +72,30 @@ impl Commands {
                     builder = builder.certs(tls.certs.clone());
                 }
                 let client = builder.build()?;
-                Ok(Commands {
-                    conns: Conns::Cluster(client.get_async_connection().await?),
-                    timeout: config.command_timeout,
-                })
+                Ok(Commands::new(
+                    Conns::Cluster(client.get_async_connection().await?),
+                    config.command_timeout,
+                ))
             }
         }
+    }
+
+    fn new(conns: Conns, timeout: Duration) -> Commands {
+        Commands {
+            conns: Arc::new(RwLock::new(conns)),
+            timeout,
+        }
+    }
+
+    /// From now on every clone sends its commands over `other`'s
+    /// connections (those of the old ones in flight finish on them).
+    pub(crate) fn replace_with(&self, other: &Commands) {
+        let conns = other
+            .conns
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        *self.conns.write().unwrap_or_else(|p| p.into_inner()) = conns;
     }
 
     pub(crate) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> RedisResult<T> {
@@ -90,7 +109,7 @@ impl Commands {
 
     /// The connection for the next command (standalone: round robin).
     fn pick(&self) -> Picked {
-        match &self.conns {
+        match &*self.conns.read().unwrap_or_else(|p| p.into_inner()) {
             Conns::Standalone { conns, next } => {
                 let i = next.fetch_add(1, Ordering::Relaxed) % conns.len();
                 Picked::Standalone(conns[i].clone())

@@ -72,6 +72,10 @@ pub struct RedisConfig {
     /// First and largest delay between reconnect attempts.
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// How often the TLS files are read again: when they changed (a
+    /// certificate rotated on disk) and the new ones work, connections made
+    /// from then on use them. Zero: read once, at start.
+    pub tls_reload: Duration,
     /// Tasks that hand received events to the sink, each for a fixed share
     /// of the rooms (so a room's events stay in order): the node's fan-out
     /// runs on this many threads at once instead of on each connection's
@@ -102,6 +106,7 @@ impl RedisConfig {
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             fanout_lanes: 1,
+            tls_reload: Duration::from_secs(60),
         }
     }
 

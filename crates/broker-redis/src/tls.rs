@@ -1,10 +1,11 @@
 //! TLS to Redis (`rediss://`). The command path (redis-rs) and the
 //! subscriber links (our own RESP) both check the server's certificate
 //! against the same roots and offer the same client certificate, built
-//! once from [`RedisTls`] when the broker connects.
+//! from [`RedisTls`] when the broker connects and again whenever the files
+//! change (see `RedisConfig::tls_reload`).
 
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -21,12 +22,33 @@ pub(crate) struct TlsMaterial {
     pub(crate) certs: redis::TlsCertificates,
     /// For the subscriber links.
     pub(crate) client: TlsClient,
+    /// The files' contents this was built from, to see a rotation.
+    pub(crate) files: TlsFiles,
+}
+
+/// The contents of the configured TLS files.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct TlsFiles {
+    ca: Option<Vec<u8>>,
+    cert: Option<Vec<u8>>,
+    key: Option<Vec<u8>>,
+}
+
+impl TlsFiles {
+    /// Reads the files `tls` names.
+    pub(crate) fn read(tls: &RedisTls) -> Result<TlsFiles, ConfigError> {
+        Ok(TlsFiles {
+            ca: tls.ca_file.as_deref().map(read).transpose()?,
+            cert: tls.cert_file.as_deref().map(read).transpose()?,
+            key: tls.key_file.as_deref().map(read).transpose()?,
+        })
+    }
 }
 
 /// A rustls client for the subscriber links; every link of one broker
-/// shares one.
+/// shares one, and a reload replaces it for the connections made after.
 #[derive(Clone)]
-pub(crate) struct TlsClient(Arc<TlsConnector>);
+pub(crate) struct TlsClient(Arc<RwLock<Arc<TlsConnector>>>);
 
 impl TlsClient {
     /// The TLS handshake over `stream`, checking the certificate against
@@ -39,7 +61,14 @@ impl TlsClient {
         let name = ServerName::try_from(host.to_owned()).map_err(|e| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{host}: {e}"))
         })?;
-        self.0.connect(name, stream).await
+        let connector = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
+        connector.connect(name, stream).await
+    }
+
+    /// From now on, connect as `other` does.
+    pub(crate) fn replace_with(&self, other: &TlsClient) {
+        let connector = other.0.read().unwrap_or_else(|p| p.into_inner()).clone();
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = connector;
     }
 }
 
@@ -54,12 +83,25 @@ pub(crate) fn material(config: &RedisConfig) -> Result<Option<TlsMaterial>, Conf
     if !config.uses_tls()? {
         return Ok(None);
     }
-    load(&config.tls).map(Some)
+    build(&config.tls, TlsFiles::read(&config.tls)?).map(Some)
 }
 
-fn load(tls: &RedisTls) -> Result<TlsMaterial, ConfigError> {
+/// New material when the files no longer hold what `current` was built
+/// from; `None` while they are unchanged.
+pub(crate) fn reloaded(
+    tls: &RedisTls,
+    current: &TlsFiles,
+) -> Result<Option<TlsMaterial>, ConfigError> {
+    let files = TlsFiles::read(tls)?;
+    if files == *current {
+        return Ok(None);
+    }
+    build(tls, files).map(Some)
+}
+
+fn build(tls: &RedisTls, files: TlsFiles) -> Result<TlsMaterial, ConfigError> {
     install_provider();
-    let ca_pem = tls.ca_file.as_deref().map(read).transpose()?;
+    let ca_pem = files.ca.clone();
     let roots = match (&ca_pem, &tls.ca_file) {
         (Some(pem), Some(path)) => {
             let mut roots = RootCertStore::empty();
@@ -80,8 +122,8 @@ fn load(tls: &RedisTls) -> Result<TlsMaterial, ConfigError> {
     let builder = ClientConfig::builder().with_root_certificates(roots);
     let (config, client_tls) = match (&tls.cert_file, &tls.key_file) {
         (Some(cert_path), Some(key_path)) => {
-            let cert_pem = read(cert_path)?;
-            let key_pem = read(key_path)?;
+            let cert_pem = files.cert.clone().unwrap_or_default();
+            let key_pem = files.key.clone().unwrap_or_default();
             let chain = CertificateDer::pem_slice_iter(&cert_pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| bad(cert_path, &e))?;
@@ -108,7 +150,10 @@ fn load(tls: &RedisTls) -> Result<TlsMaterial, ConfigError> {
             client_tls,
             root_cert: ca_pem,
         },
-        client: TlsClient(Arc::new(TlsConnector::from(Arc::new(config)))),
+        client: TlsClient(Arc::new(RwLock::new(Arc::new(TlsConnector::from(
+            Arc::new(config),
+        ))))),
+        files,
     })
 }
 

@@ -237,3 +237,43 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// Certificates rotated on disk (a new CA, server and client certificate,
+/// as a renewed Kubernetes secret is) are picked up without a restart of
+/// the node: once Redis runs on the new ones, both the command path and the
+/// subscriber work again. Without the reload both would be refused for
+/// ever (`UnknownIssuer`).
+#[tokio::test]
+async fn certificates_rotated_on_disk_are_used_without_a_restart() {
+    let certs = TestCerts::generate();
+    let mut server = RedisServer::start_tls(&certs, ClientAuth::Required).await;
+    let mut cfg = tuned(
+        RedisConfig::standalone(server.tls_url()),
+        with_client_cert(&certs),
+    );
+    cfg.tls_reload = Duration::from_millis(100);
+    let (sink_a, _got_a) = sink();
+    let (sink_b, mut got_b) = sink();
+    let a = RedisBroker::connect(cfg.clone(), sink_a).await.unwrap();
+    let b = RedisBroker::connect(cfg, sink_b).await.unwrap();
+    round_trip(&a, &b, &mut got_b, 1).await;
+
+    let renewed = TestCerts::generate();
+    for (from, to) in [
+        (renewed.ca(), certs.ca()),
+        (renewed.server_cert(), certs.server_cert()),
+        (renewed.server_key(), certs.server_key()),
+        (renewed.client_cert(), certs.client_cert()),
+        (renewed.client_key(), certs.client_key()),
+    ] {
+        // Replaced whole, as a secret volume swaps its files.
+        let staged = to.with_extension("new");
+        std::fs::copy(&from, &staged).unwrap();
+        std::fs::rename(&staged, &to).unwrap();
+    }
+    let seen = *got_b.resyncs.borrow();
+    server.restart().await;
+    got_b.resynced_after(seen).await;
+    round_trip(&a, &b, &mut got_b, 2).await;
+    got_b.assert_empty();
+}

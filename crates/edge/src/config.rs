@@ -287,6 +287,9 @@ pub struct BrokerSettings {
     pub tls_cert_file: Option<PathBuf>,
     /// The client certificate's private key (PEM).
     pub tls_key_file: Option<PathBuf>,
+    /// How often the TLS files are read again for a rotation; `0s`: once.
+    #[serde(with = "duration")]
+    pub tls_reload: Duration,
     /// Prefix of every Redis key and channel.
     pub prefix: String,
     /// Events kept per room (history for resume).
@@ -322,6 +325,7 @@ impl Default for BrokerSettings {
             tls_ca_file: None,
             tls_cert_file: None,
             tls_key_file: None,
+            tls_reload: Duration::from_secs(60),
             prefix: "rc:".into(),
             history_max_len: 1000,
             history_max_age: Duration::from_secs(3600),

@@ -76,6 +76,7 @@ pub(crate) fn redis_config(config: &Config) -> Option<RedisConfig> {
     redis.prefix = b.prefix.clone();
     redis.history = roomcast_edge::history_policy(config);
     redis.fanout_lanes = b.fanout_lanes;
+    redis.tls_reload = b.tls_reload;
     Some(redis)
 }
 

@@ -66,6 +66,7 @@ pub fn redis_config(config: &Config) -> RedisConfig {
     redis.prefix = b.prefix.clone();
     redis.history = roomcast_edge::history_policy(config);
     redis.fanout_lanes = b.fanout_lanes;
+    redis.tls_reload = b.tls_reload;
     redis
 }
 
