@@ -413,3 +413,34 @@ async fn fan_out_lanes_keep_each_room_complete_and_in_order() {
     assert!(last.values().all(|(n, _)| *n == PER_ROOM));
     got.assert_empty();
 }
+
+/// A server that accepts connections and never answers (a hung Redis, a
+/// wrong port behind a proxy) fails the broker's start within a bound
+/// instead of hanging the node's start, in either mode.
+#[tokio::test]
+async fn connecting_to_a_server_that_never_answers_fails_in_time() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket); // read nothing, answer nothing
+        }
+    });
+    let url = format!("redis://{addr}/");
+    for mut cfg in [RedisConfig::standalone(&url), RedisConfig::cluster([&url])] {
+        cfg.command_timeout = Duration::from_millis(300);
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            RedisBroker::connect(cfg.clone(), sink().0),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{:?}: connect still waiting after 10 s", cfg.mode));
+        match result {
+            Err(BrokerError::Unavailable { .. }) => {}
+            Ok(_) => panic!("{:?}: a silent server was taken for Redis", cfg.mode),
+            Err(e) => panic!("{:?}: {e}", cfg.mode),
+        }
+    }
+    held.abort();
+}
