@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use roomcast_broker_redis::room_channel;
@@ -197,104 +198,168 @@ async fn a_node_fills_the_gap_after_redis_comes_back() {
     );
 }
 
+/// A node on a 3-master cluster whose subscription of team:1 was lost and
+/// is back, while another room on the same master is refused (so the node
+/// is not resynced yet), with one event of team:1 that reached history
+/// only, as if published while the node was away (seq 1; seq 0 came
+/// before).
+struct RefusedRoom {
+    cluster: RedisCluster,
+    prefix: String,
+    node: TestNode,
+    client: Client,
+}
+
+impl RefusedRoom {
+    async fn start() -> RefusedRoom {
+        let cluster = RedisCluster::start(3).await;
+        let prefix = unique_prefix();
+        let key = |room: &str| RoomKey::new(TENANT.parse().unwrap(), room.parse().unwrap());
+        let slot = |room: &str| RedisCluster::slot_of(&room_channel(&prefix, &key(room)));
+        // Two rooms on one master, in different slots (so they are
+        // subscribed with separate commands and one can be refused alone).
+        let master = cluster.owner_of(slot("team:1"));
+        let other = (2..200)
+            .map(|n| format!("team:{n}"))
+            .find(|r| cluster.owner_of(slot(r)) == master && slot(r) != slot("team:1"))
+            .expect("some room shares team:1's master");
+        let team1_channel = room_channel(&prefix, &key("team:1"));
+        // The node logs in as a user whose channel rights the test can take away.
+        for url in cluster.urls() {
+            let ok = redis_cli(
+                &url,
+                &["ACL", "SETUSER", "node", "on", ">pw", "~*", "&*", "+@all"],
+            );
+            assert_eq!(ok, "OK");
+        }
+        let node_urls: Vec<String> = cluster
+            .ports()
+            .iter()
+            .map(|p| format!("redis://node:pw@127.0.0.1:{p}"))
+            .collect();
+        let node = TestNode::start(config(Backend::Cluster(&node_urls), &prefix)).await;
+        let teams = ["1", other.trim_start_matches("team:")];
+        let mut client = node.connect(&token("u1", &teams)).await;
+        client.subscribe_all(&["team:1", &other]).await;
+        node.publish(&numbered(0)).await;
+        assert_eq!(client.next_event().await["data"]["seq"], 0);
+
+        // Taking the other room away makes Redis drop the node's subscriber
+        // connection to that master; the node comes back with team:1 but is
+        // refused the other room, so it is not resynced yet.
+        let admin = cluster.urls()[master].clone();
+        let subscribers = |url: &str| redis_cli(url, &["CLIENT", "LIST", "TYPE", "pubsub"]);
+        let before: Vec<String> = subscribers(&admin).lines().map(client_id).collect();
+        let ok = redis_cli(
+            &admin,
+            &[
+                "ACL",
+                "SETUSER",
+                "node",
+                "resetchannels",
+                &format!("&{team1_channel}"),
+            ],
+        );
+        assert_eq!(ok, "OK");
+        eventually("the node resubscribes team:1 alone", RECOVERY, || async {
+            subscribers(&admin)
+                .lines()
+                .any(|l| !before.contains(&client_id(l)) && l.contains(" ssub=1 "))
+        })
+        .await;
+        let stream = roomcast_broker_redis::room_stream(&prefix, &key("team:1"));
+        let id: String = query(
+            &admin,
+            redis::cmd("XADD")
+                .arg(&stream)
+                .arg("*")
+                .arg("e")
+                .arg(direct_event(1).encode_envelope()),
+        )
+        .await;
+        assert!(id.contains('-'), "XADD: {id}");
+        RefusedRoom {
+            cluster,
+            prefix,
+            node,
+            client,
+        }
+    }
+
+    /// Publishes events `seqs` of team:1 straight into Redis: they reach
+    /// the node live.
+    async fn publish_live(&self, seqs: std::ops::RangeInclusive<u64>) {
+        let mut direct = roomcast_broker_redis::RedisConfig::cluster(self.cluster.urls());
+        direct.prefix = self.prefix.clone();
+        let publisher = roomcast_broker_redis::RedisBroker::connect(direct, Arc::new(Discard))
+            .await
+            .expect("cluster is up");
+        for seq in seqs {
+            roomcast_broker::Broker::publish(&*publisher, direct_event(seq))
+                .await
+                .expect("cluster is up");
+        }
+    }
+
+    /// Gives the node back the refused room, so it resyncs.
+    fn allow_every_room(&self) {
+        for url in self.cluster.urls() {
+            assert_eq!(
+                redis_cli(&url, &["ACL", "SETUSER", "node", "allchannels"]),
+                "OK"
+            );
+        }
+    }
+
+    /// Each event of team:1 exactly once: no duplicate before a fence.
+    async fn assert_no_duplicate(&mut self) {
+        self.node
+            .publish(&event(&["team:1"], "fence", json!({})))
+            .await;
+        assert!(
+            self.client.events_until("fence").await.is_empty(),
+            "no duplicate"
+        );
+    }
+}
+
+/// A sink for a publisher's own broker, which subscribes nothing.
+struct Discard;
+
+impl roomcast_broker::EventSink for Discard {
+    fn deliver(&self, _: &RoomKey, _: Arc<roomcast_protocol::Event>) {}
+}
+
 /// A room whose subscription was lost holds its live events until the gap
 /// is refilled, even when its subscription is back before the others are:
-/// an event that reached history while the node was away is delivered
+/// the event that reached history while the node was away is delivered
 /// before a later one that arrived live, and neither is lost.
 #[tokio::test]
 async fn live_events_wait_while_a_lost_room_is_refilled() {
-    let cluster = RedisCluster::start(3).await;
-    let prefix = unique_prefix();
-    let key = |room: &str| RoomKey::new(TENANT.parse().unwrap(), room.parse().unwrap());
-    let slot = |room: &str| RedisCluster::slot_of(&room_channel(&prefix, &key(room)));
-    // Two rooms on one master, in different slots (so they are subscribed
-    // with separate commands and one can be refused alone).
-    let master = cluster.owner_of(slot("team:1"));
-    let other = (2..200)
-        .map(|n| format!("team:{n}"))
-        .find(|r| cluster.owner_of(slot(r)) == master && slot(r) != slot("team:1"))
-        .expect("some room shares team:1's master");
-    let team1_channel = room_channel(&prefix, &key("team:1"));
-    // The node logs in as a user whose channel rights the test can take away.
-    for url in cluster.urls() {
-        let ok = redis_cli(
-            &url,
-            &["ACL", "SETUSER", "node", "on", ">pw", "~*", "&*", "+@all"],
-        );
-        assert_eq!(ok, "OK");
-    }
-    let node_urls: Vec<String> = cluster
-        .ports()
-        .iter()
-        .map(|p| format!("redis://node:pw@127.0.0.1:{p}"))
-        .collect();
-    let node = TestNode::start(config(Backend::Cluster(&node_urls), &prefix)).await;
-    let teams = ["1", other.trim_start_matches("team:")];
-    let mut client = node.connect(&token("u1", &teams)).await;
-    client.subscribe_all(&["team:1", &other]).await;
-    node.publish(&numbered(0)).await;
-    assert_eq!(client.next_event().await["data"]["seq"], 0);
-
-    // Taking the other room away makes Redis drop the node's subscriber
-    // connection to that master; the node comes back with team:1 but is
-    // refused the other room, so it is not resynced yet.
-    let admin = cluster.urls()[master].clone();
-    let subscribers = |url: &str| redis_cli(url, &["CLIENT", "LIST", "TYPE", "pubsub"]);
-    let before: Vec<String> = subscribers(&admin).lines().map(client_id).collect();
-    let ok = redis_cli(
-        &admin,
-        &[
-            "ACL",
-            "SETUSER",
-            "node",
-            "resetchannels",
-            &format!("&{team1_channel}"),
-        ],
-    );
-    assert_eq!(ok, "OK");
-    eventually("the node resubscribes team:1 alone", RECOVERY, || async {
-        subscribers(&admin)
-            .lines()
-            .any(|l| !before.contains(&client_id(l)) && l.contains(" ssub=1 "))
-    })
-    .await;
-    // One event reaches history only (as if published while the node was
-    // away), the next one reaches the node live.
-    let missed = direct_event(1);
-    let stream = roomcast_broker_redis::room_stream(&prefix, &key("team:1"));
-    let id: String = query(
-        &admin,
-        redis::cmd("XADD")
-            .arg(&stream)
-            .arg("*")
-            .arg("e")
-            .arg(missed.encode_envelope()),
-    )
-    .await;
-    assert!(id.contains('-'), "XADD: {id}");
-    let mut direct = roomcast_broker_redis::RedisConfig::cluster(cluster.urls());
-    direct.prefix = prefix.clone();
-    roomcast_broker_redis::publish_direct(&direct, direct_event(2))
-        .await
-        .expect("cluster is up");
-    // The node is resynced once it may subscribe the other room again.
-    for url in cluster.urls() {
-        assert_eq!(
-            redis_cli(&url, &["ACL", "SETUSER", "node", "allchannels"]),
-            "OK"
-        );
-    }
+    let mut t = RefusedRoom::start().await;
+    t.publish_live(2..=2).await;
+    t.allow_every_room();
     assert_eq!(
-        client.next_event().await["data"]["seq"],
+        t.client.next_event().await["data"]["seq"],
         1,
         "the event that only reached history comes first"
     );
-    assert_eq!(client.next_event().await["data"]["seq"], 2);
-    node.publish(&event(&["team:1"], "fence", json!({}))).await;
-    assert!(
-        client.events_until("fence").await.is_empty(),
-        "no duplicate"
-    );
+    assert_eq!(t.client.next_event().await["data"]["seq"], 2);
+    t.assert_no_duplicate().await;
+}
+
+/// A room does not wait for the others without end: once it holds 1,000
+/// live events it refills on its own, while the other room is still
+/// refused, and afterwards the resync adds nothing twice.
+#[tokio::test]
+async fn a_room_that_held_a_thousand_events_refills_on_its_own() {
+    let mut t = RefusedRoom::start().await;
+    t.publish_live(2..=1001).await;
+    for seq in 1..=1001 {
+        assert_eq!(t.client.next_event().await["data"]["seq"], seq, "in order");
+    }
+    t.allow_every_room();
+    t.assert_no_duplicate().await;
 }
 
 /// The `id=` of a `CLIENT LIST` line.
