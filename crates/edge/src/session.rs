@@ -44,7 +44,8 @@ pub struct Session {
     pub(crate) rooms: Mutex<Vec<RoomName>>,
     /// Rooms being replayed from history: live frames of those rooms wait
     /// here until the replay has been queued, so the switch to live has no
-    /// gap and no duplicate.
+    /// gap and no duplicate. After the replay each room's entry remembers
+    /// the last id replayed until a newer event arrives.
     replays: Mutex<Vec<Replay>>,
     /// Fast check on the delivery path: most sessions never replay.
     replaying: AtomicBool,
@@ -59,6 +60,12 @@ pub struct Session {
 struct Replay {
     room: RoomName,
     held: Vec<(EventId, Bytes)>,
+    /// Set when the replay was queued: the last id it covered. An event of
+    /// the room up to it can still arrive from the broker afterwards (its
+    /// channel message was behind the history read, or a refill after a
+    /// broker outage reads it again) and is dropped; the first newer one
+    /// ends the entry.
+    replayed_up_to: Option<EventId>,
 }
 
 impl Session {
@@ -132,10 +139,12 @@ impl Session {
     /// Starts holding live frames of `room` (before joining it).
     pub(crate) fn begin_replay(&self, room: &RoomName) {
         let mut replays = self.replays();
+        replays.retain(|r| &r.room != room || r.replayed_up_to.is_none());
         if !replays.iter().any(|r| &r.room == room) {
             replays.push(Replay {
                 room: room.clone(),
                 held: Vec::new(),
+                replayed_up_to: None,
             });
         }
         self.replaying.store(true, Ordering::Release);
@@ -147,28 +156,55 @@ impl Session {
             return false;
         }
         let mut replays = self.replays();
-        match replays.iter_mut().find(|r| &r.room == room) {
-            Some(r) => {
-                r.held.push((id, frame.clone()));
+        let Some(pos) = replays.iter().position(|r| &r.room == room) else {
+            return false;
+        };
+        match replays[pos].replayed_up_to {
+            None => {
+                replays[pos].held.push((id, frame.clone()));
                 true
             }
-            None => false,
+            Some(_) if id == EventId::ZERO => false,
+            Some(last) if id <= last => true,
+            Some(_) => {
+                replays.swap_remove(pos);
+                if replays.is_empty() {
+                    self.replaying.store(false, Ordering::Release);
+                }
+                false
+            }
         }
     }
 
     /// Ends the replay of `room`: queues the held live frames newer than
     /// `last` (ephemeral ones, without an id, always), then lets live frames
-    /// through. Runs under the replay lock, so no live frame slips between.
+    /// through, except those up to `last` (already replayed) until a newer
+    /// one came. Runs under the replay lock, so no live frame slips between.
     pub(crate) fn end_replay(&self, room: &RoomName, last: EventId) {
         let mut replays = self.replays();
         if let Some(pos) = replays.iter().position(|r| &r.room == room) {
-            let replay = replays.swap_remove(pos);
-            for (id, frame) in replay.held {
+            let mut replay = replays.swap_remove(pos);
+            let mut newer = false;
+            for (id, frame) in replay.held.drain(..) {
                 if id == EventId::ZERO || id > last {
+                    newer |= id != EventId::ZERO;
                     let _ = self.outbox.push(frame);
                 }
             }
+            if last != EventId::ZERO && !newer {
+                replay.replayed_up_to = Some(last);
+                replays.push(replay);
+            }
         }
+        if replays.is_empty() {
+            self.replaying.store(false, Ordering::Release);
+        }
+    }
+
+    /// Drops what is remembered of a replay of `room` (the session left it).
+    pub(crate) fn forget_replay(&self, room: &RoomName) {
+        let mut replays = self.replays();
+        replays.retain(|r| &r.room != room || r.replayed_up_to.is_none());
         if replays.is_empty() {
             self.replaying.store(false, Ordering::Release);
         }
