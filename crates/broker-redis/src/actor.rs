@@ -89,6 +89,10 @@ struct Conn {
     subscribed: HashSet<Box<[u8]>>,
     pending: HashSet<Box<[u8]>>,
     leaving: HashSet<Box<[u8]>>,
+    /// Redis refused a command on this connection (not a slot move): from
+    /// then on each channel goes in a command of its own, so one refused
+    /// channel (an ACL) does not keep the others of its batch out.
+    one_per_command: bool,
 }
 
 impl Conn {
@@ -333,6 +337,7 @@ impl Actor {
             subscribed: HashSet::new(),
             pending: HashSet::new(),
             leaving: HashSet::new(),
+            one_per_command: false,
         });
         self.mark_all_dirty();
     }
@@ -381,8 +386,10 @@ impl Actor {
                 } else {
                     tracing::debug!(error = %message, "redis refused a subscription command");
                 }
+                let moved = parse_moved(&message).is_some();
                 if let Some((_, conn)) = self.conn_by_id(conn_id) {
                     conn.pending.clear();
+                    conn.one_per_command |= !moved;
                 }
                 if let (Some(slots), Some((slot, addr))) = (&mut self.slots, parse_moved(&message))
                 {

@@ -444,3 +444,70 @@ async fn connecting_to_a_server_that_never_answers_fails_in_time() {
     }
     held.abort();
 }
+
+/// A channel Redis refuses (an ACL without it) keeps only its own room
+/// out: after the refusal the node subscribes one channel per command, so
+/// the other rooms of the refused batch are back, and the node stays
+/// unhealthy (a wanted room is missing).
+#[tokio::test]
+async fn a_refused_channel_does_not_keep_the_other_rooms_of_its_batch_out() {
+    let server = RedisServer::start().await;
+    let mut cfg = config(&server);
+    let good = key("acme", "team:good");
+    let refused = key("acme", "team:refused");
+    let good_channel = room_channel(&cfg.prefix, &good);
+    let ok = roomcast_testkit::redis_cli(
+        server.url(),
+        &[
+            "ACL",
+            "SETUSER",
+            "node",
+            "on",
+            ">pw",
+            "~*",
+            "+@all",
+            "resetchannels",
+            &format!("&{good_channel}"),
+        ],
+    );
+    assert_eq!(ok, "OK");
+    cfg.mode = roomcast_broker_redis::RedisMode::Standalone {
+        url: format!("redis://node:pw@127.0.0.1:{}/", server.port()),
+    };
+    cfg.subscribe_timeout = Duration::from_millis(200);
+    let (s, mut got) = sink();
+    let node = RedisBroker::connect(cfg.clone(), s).await.unwrap();
+    node.subscribe(&good).await.unwrap();
+    node.subscribe(&refused).await.unwrap();
+    // On a new connection both rooms go out in one SUBSCRIBE, which Redis
+    // refuses whole.
+    let ok = roomcast_testkit::redis_cli(server.url(), &["CLIENT", "KILL", "TYPE", "pubsub"]);
+    assert!(ok.parse::<u32>().is_ok_and(|n| n >= 1), "killed: {ok}");
+    let url = server.url().to_owned();
+    eventually("the good room subscribed again", || {
+        let (url, channel) = (url.clone(), good_channel.clone());
+        async move { numsub(&url, &channel).await == 1 }
+    })
+    .await;
+    let publisher = RedisBroker::connect(config_like(&cfg, &server), sink().0)
+        .await
+        .unwrap();
+    let id = publisher
+        .publish(event(&["team:good"], 7))
+        .await
+        .unwrap()
+        .ids[0]
+        .1;
+    let (room, ev) = got.next().await;
+    assert_eq!((room, ev.id, n_of(&ev)), (good, id, 7));
+    assert!(!node.healthy(), "a wanted room is still refused");
+}
+
+/// `cfg` with the default user (no ACL limits) on `server`.
+fn config_like(cfg: &RedisConfig, server: &RedisServer) -> RedisConfig {
+    let mut c = cfg.clone();
+    c.mode = roomcast_broker_redis::RedisMode::Standalone {
+        url: server.url().to_owned(),
+    };
+    c
+}

@@ -15,11 +15,11 @@ struct Plan {
     unsub: Vec<Box<[u8]>>,
 }
 
-/// Splits channels into commands of at most [`BATCH`] channels. Sharded
+/// Splits channels into commands of at most `max` channels. Sharded
 /// (Cluster) commands may only name channels of one slot: SSUBSCRIBE or
 /// SUNSUBSCRIBE of channels in different slots fails with CROSSSLOT, so
 /// there each command carries one slot's channels.
-fn batches(mut channels: Vec<Box<[u8]>>, sharded: bool) -> Vec<Vec<Box<[u8]>>> {
+fn batches(mut channels: Vec<Box<[u8]>>, sharded: bool, max: usize) -> Vec<Vec<Box<[u8]>>> {
     let mut out = Vec::new();
     if sharded {
         let mut by_slot: BTreeMap<u16, Vec<Box<[u8]>>> = BTreeMap::new();
@@ -27,11 +27,11 @@ fn batches(mut channels: Vec<Box<[u8]>>, sharded: bool) -> Vec<Vec<Box<[u8]>>> {
             by_slot.entry(slot_of(&ch)).or_default().push(ch);
         }
         for group in by_slot.into_values() {
-            out.extend(group.chunks(BATCH).map(<[_]>::to_vec));
+            out.extend(group.chunks(max).map(<[_]>::to_vec));
         }
     } else {
         while !channels.is_empty() {
-            let rest = channels.split_off(channels.len().min(BATCH));
+            let rest = channels.split_off(channels.len().min(max));
             out.push(std::mem::replace(&mut channels, rest));
         }
     }
@@ -93,9 +93,15 @@ impl Actor {
             }
         }
         for (addr, p) in plan {
+            let one_each = self
+                .links
+                .get(&addr)
+                .and_then(|l| l.conn.as_ref())
+                .is_some_and(|c| c.one_per_command);
+            let max = if one_each { 1 } else { BATCH };
             let mut bytes = Vec::new();
             for (cmd, list) in [(sub, p.sub), (unsub, p.unsub)] {
-                for batch in batches(list, sharded) {
+                for batch in batches(list, sharded, max) {
                     let mut args: Vec<&[u8]> = vec![cmd.as_bytes()];
                     args.extend(batch.iter().map(|c| &c[..]));
                     bytes.extend(resp::encode(&args));
@@ -176,15 +182,16 @@ mod tests {
     #[test]
     fn sharded_commands_never_span_slots() {
         let channels = vec![ch("p:{a}:c"), ch("p:{b}:c"), ch("p:{a}:x"), ch("p:{c}:c")];
-        let sharded = batches(channels.clone(), true);
+        let sharded = batches(channels.clone(), true, BATCH);
         assert_eq!(sharded.len(), 3, "one command per slot: {sharded:?}");
         for batch in &sharded {
             let slot = slot_of(&batch[0]);
             assert!(batch.iter().all(|c| slot_of(c) == slot));
         }
         assert_eq!(sharded.iter().map(Vec::len).sum::<usize>(), 4);
-        assert_eq!(batches(channels, false).len(), 1);
+        assert_eq!(batches(channels.clone(), false, BATCH).len(), 1);
+        assert_eq!(batches(channels.clone(), false, 1).len(), channels.len());
         let many: Vec<Box<[u8]>> = (0..BATCH + 1).map(|i| ch(&format!("r{i}"))).collect();
-        assert_eq!(batches(many, false).len(), 2);
+        assert_eq!(batches(many, false, BATCH).len(), 2);
     }
 }
