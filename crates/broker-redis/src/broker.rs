@@ -128,29 +128,25 @@ async fn reload_tls(
             return;
         };
         let config = &broker.config;
-        let material = match tls::reloaded(&config.tls, &current) {
-            Ok(Some(material)) => material,
+        let switched = match tls::reloaded(&config.tls, &current) {
             Ok(None) => continue,
-            Err(e) => {
-                metrics::counter!("roomcast_redis_tls_reloads_total", "outcome" => "failed")
-                    .increment(1);
-                tracing::warn!(error = %e, "redis TLS files changed but cannot be used; keeping the current ones");
-                continue;
-            }
+            Ok(Some(material)) => match Commands::connect(config, Some(&material)).await {
+                Ok(commands) => {
+                    broker.commands.replace_with(&commands);
+                    links.replace_with(&material.client);
+                    current = material.files;
+                    Ok(())
+                }
+                Err(e) => Err(format!("Redis refuses them: {e}")),
+            },
+            Err(e) => Err(format!("they cannot be used: {e}")),
         };
-        match Commands::connect(config, Some(&material)).await {
-            Ok(commands) => {
-                broker.commands.replace_with(&commands);
-                links.replace_with(&material.client);
-                current = material.files;
-                metrics::counter!("roomcast_redis_tls_reloads_total", "outcome" => "ok")
-                    .increment(1);
-                tracing::info!("redis TLS files changed; new connections use them");
-            }
+        let outcome = if switched.is_ok() { "ok" } else { "failed" };
+        metrics::counter!("roomcast_redis_tls_reloads_total", "outcome" => outcome).increment(1);
+        match switched {
+            Ok(()) => tracing::info!("redis TLS files changed; new connections use them"),
             Err(e) => {
-                metrics::counter!("roomcast_redis_tls_reloads_total", "outcome" => "failed")
-                    .increment(1);
-                tracing::warn!(error = %e, "redis TLS files changed but Redis refuses them; keeping the current ones");
+                tracing::warn!(error = %e, "redis TLS files changed but are not used; keeping the current ones")
             }
         }
     }

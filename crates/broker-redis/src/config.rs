@@ -86,7 +86,7 @@ pub struct RedisConfig {
 }
 
 /// Most fan-out lanes a node may ask for.
-pub const MAX_FANOUT_LANES: usize = 64;
+pub(crate) const MAX_FANOUT_LANES: usize = 64;
 
 impl RedisConfig {
     /// The defaults for a mode: prefix `rc:`, default history caps,

@@ -42,7 +42,7 @@ mod tls;
 mod topology;
 
 pub use broker::{parse_room_channel, publish_direct, room_channel, room_stream, RedisBroker};
-pub use config::{ConfigError, RedisConfig, RedisMode, RedisTls, MAX_FANOUT_LANES};
+pub use config::{ConfigError, RedisConfig, RedisMode, RedisTls};
 pub use counters::{counter_key, HIT_SCRIPT};
 pub use presence::{PRESENCE_KEY_GRACE, PRESENCE_REGISTRY_SHARDS};
 pub use script::{publish_script_sha, PUBLISH_SCRIPT};

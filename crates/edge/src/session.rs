@@ -139,13 +139,14 @@ impl Session {
     /// Starts holding live frames of `room` (before joining it).
     pub(crate) fn begin_replay(&self, room: &RoomName) {
         let mut replays = self.replays();
-        replays.retain(|r| &r.room != room || r.replayed_up_to.is_none());
-        if !replays.iter().any(|r| &r.room == room) {
-            replays.push(Replay {
+        match replays.iter_mut().find(|r| &r.room == room) {
+            // A room replayed before holds again (its `held` is empty then).
+            Some(r) => r.replayed_up_to = None,
+            None => replays.push(Replay {
                 room: room.clone(),
                 held: Vec::new(),
                 replayed_up_to: None,
-            });
+            }),
         }
         self.replaying.store(true, Ordering::Release);
     }
