@@ -245,6 +245,18 @@ impl Hub {
                 Room::default()
             });
             entry.subscribed = true;
+            // The events up to the newest one the room holds for a refill
+            // were published before this join: the refill would otherwise
+            // send them to this session too.
+            if let Some(last) = entry.resync.as_ref().and_then(|r| {
+                r.waiting
+                    .iter()
+                    .rev()
+                    .map(|e| e.id)
+                    .find(|id| *id != EventId::ZERO)
+            }) {
+                session.joined_after(&room, last);
+            }
             entry.members.push(session.clone());
         }
         session.rooms().push(room.clone());
@@ -552,7 +564,13 @@ impl Hub {
             let Some(frame) = &r.frame else {
                 continue;
             };
-            if session.hold_if_replaying(&key.room, event.id, frame) {
+            let elsewhere = || {
+                event
+                    .rooms
+                    .iter()
+                    .any(|r| *r != key.room && session.in_room(r))
+            };
+            if session.hold_if_replaying(&key.room, event.id, frame, elsewhere) {
                 continue;
             }
             let pushed = match (&r.coalesce, deferred.as_deref_mut()) {
@@ -859,8 +877,12 @@ mod tests {
     use crate::outbox::{Next, Outbox};
 
     fn session() -> Arc<Session> {
+        named_session("s_test")
+    }
+
+    fn named_session(id: &str) -> Arc<Session> {
         Arc::new(Session::new(
-            "s_test".parse().unwrap(),
+            id.parse().unwrap(),
             "u1".parse().unwrap(),
             "acme".parse().unwrap(),
             Box::new([]),
@@ -913,5 +935,141 @@ mod tests {
         let frames = queued(&session);
         assert_eq!(frames.len(), 1, "the next event goes through");
         assert!(String::from_utf8_lossy(&frames[0]).contains(r#""data":2"#));
+    }
+
+    /// A room whose subscription was lost and is back again, with `old` a
+    /// member since before: the broker keeps history, the test delivers
+    /// the live copies itself.
+    struct HeldRoom {
+        hub: Arc<Hub>,
+        broker: Arc<MemoryBroker>,
+        key: RoomKey,
+        old: Arc<Session>,
+    }
+
+    impl HeldRoom {
+        async fn new() -> Self {
+            let hub = Hub::new(Duration::ZERO, false);
+            let broker = Arc::new(MemoryBroker::new(HistoryPolicy::default()));
+            hub.attach(broker.clone());
+            let key = RoomKey::new("acme".parse().unwrap(), "team:1".parse().unwrap());
+            let old = named_session("s_old");
+            hub.join(&old, key.room.clone()).await.unwrap();
+            let held = HeldRoom {
+                hub,
+                broker,
+                key,
+                old,
+            };
+            let first = held.publish(&["team:1"], 1).await;
+            held.live("team:1", &first);
+            assert_eq!(frames_data(&held.old), [1]);
+            held.hub.interrupted(&held.key);
+            held
+        }
+
+        /// Publishes `data` into `rooms` (history only); returns the event.
+        async fn publish(&self, rooms: &[&str], data: u32) -> Event {
+            let rooms = rooms
+                .iter()
+                .map(|r| format!("\"{r}\""))
+                .collect::<Vec<_>>()
+                .join(",");
+            let json = format!(r#"{{"tenant":"acme","rooms":[{rooms}],"type":"t","data":{data}}}"#);
+            let event = Event::decode(json.as_bytes(), &Default::default()).unwrap();
+            let published = self.broker.publish(event.clone()).await.unwrap();
+            let mut stored = event;
+            stored.id = published.ids[0].1;
+            stored
+        }
+
+        /// The live copy of `event` reaches the node on `room`'s channel.
+        fn live(&self, room: &str, event: &Event) {
+            let key = RoomKey::new("acme".parse().unwrap(), room.parse().unwrap());
+            self.hub.deliver(&key, Arc::new(event.clone()));
+        }
+
+        /// Tells the hub the broker is back and waits until `old` has had
+        /// `events` more events (the refill runs on its own task).
+        async fn resync(&self, events: usize) -> Vec<u32> {
+            self.hub.resynced();
+            let mut got = Vec::new();
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while got.len() < events {
+                    got.extend(frames_data(&self.old));
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect("the refill reached the member");
+            got
+        }
+    }
+
+    /// The `data` of the event frames queued for `session` so far.
+    fn frames_data(session: &Session) -> Vec<u32> {
+        queued(session)
+            .iter()
+            .map(|frame| {
+                // The frame is a whole WebSocket frame: header, then the JSON.
+                let text = String::from_utf8_lossy(frame);
+                let data = text.split(r#""data":"#).nth(1).expect("an event frame");
+                let digits: String = data.chars().take_while(char::is_ascii_digit).collect();
+                digits.parse().expect("numeric data")
+            })
+            .collect()
+    }
+
+    /// A client that subscribes (without resuming) while its room waits for
+    /// a refill gets what was published after it joined, not the events the
+    /// room held or the refill reads from before.
+    #[tokio::test]
+    async fn a_session_joining_a_held_room_gets_no_events_from_before_it_joined() {
+        let held = HeldRoom::new().await;
+        // Its live copy was lost with the subscription.
+        held.publish(&["team:1"], 2).await;
+        let waited = held.publish(&["team:1"], 3).await;
+        held.live("team:1", &waited);
+        let new = named_session("s_new");
+        held.hub.join(&new, held.key.room.clone()).await.unwrap();
+        let after = held.publish(&["team:1"], 4).await;
+        held.live("team:1", &after);
+        assert_eq!(
+            held.resync(3).await,
+            [2, 3, 4],
+            "the member from before gets every event"
+        );
+        assert_eq!(
+            frames_data(&new),
+            [4],
+            "the new one only what came after its join"
+        );
+
+        let next = held.publish(&["team:1"], 5).await;
+        held.live("team:1", &next);
+        assert_eq!(frames_data(&new), [5]);
+    }
+
+    /// A session already in another room of such an event gets it through
+    /// this one: the other room's copy skips it for the first of its rooms.
+    #[tokio::test]
+    async fn an_event_from_before_the_join_still_reaches_a_member_of_its_other_room() {
+        let held = HeldRoom::new().await;
+        let new = named_session("s_new");
+        held.hub
+            .join(&new, "team:2".parse().unwrap())
+            .await
+            .unwrap();
+        let both = held.publish(&["team:1", "team:2"], 2).await;
+        held.live("team:1", &both);
+        held.hub.join(&new, held.key.room.clone()).await.unwrap();
+        held.live("team:2", &both);
+        assert_eq!(
+            frames_data(&new),
+            Vec::<u32>::new(),
+            "team:1 comes first in its rooms"
+        );
+        assert_eq!(held.resync(1).await, [2]);
+        assert_eq!(frames_data(&new), [2], "once, through team:1");
     }
 }

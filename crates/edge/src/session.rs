@@ -65,7 +65,12 @@ struct Replay {
     /// channel message was behind the history read, or a refill after a
     /// broker outage reads it again) and is dropped; the first newer one
     /// ends the entry.
-    replayed_up_to: Option<EventId>,
+    drop_up_to: Option<EventId>,
+    /// `drop_up_to` marks events published before the session joined (it
+    /// joined a room that waited for a refill), not events it already has:
+    /// one of them still goes out when it reaches the session through no
+    /// other room.
+    before_join: bool,
 }
 
 impl Session {
@@ -141,18 +146,49 @@ impl Session {
         let mut replays = self.replays();
         match replays.iter_mut().find(|r| &r.room == room) {
             // A room replayed before holds again (its `held` is empty then).
-            Some(r) => r.replayed_up_to = None,
+            Some(r) => {
+                r.drop_up_to = None;
+                r.before_join = false;
+            }
             None => replays.push(Replay {
                 room: room.clone(),
                 held: Vec::new(),
-                replayed_up_to: None,
+                drop_up_to: None,
+                before_join: false,
             }),
         }
         self.replaying.store(true, Ordering::Release);
     }
 
-    /// Holds a live frame when `room` is replaying; gives it back otherwise.
-    pub(crate) fn hold_if_replaying(&self, room: &RoomName, id: EventId, frame: &Bytes) -> bool {
+    /// Joins `room` after the events up to `last`, which the room still
+    /// holds for a refill: they were published before this session joined,
+    /// so they are not sent to it. Nothing changes for a room the session
+    /// is replaying, whose own resume position decides.
+    pub(crate) fn joined_after(&self, room: &RoomName, last: EventId) {
+        let mut replays = self.replays();
+        if replays.iter().any(|r| &r.room == room) {
+            return;
+        }
+        replays.push(Replay {
+            room: room.clone(),
+            held: Vec::new(),
+            drop_up_to: Some(last),
+            before_join: true,
+        });
+        self.replaying.store(true, Ordering::Release);
+    }
+
+    /// Holds a live frame when `room` is replaying, or drops one the session
+    /// has or must not get (see [`Replay`]); gives it back otherwise.
+    /// `elsewhere` says whether the session is in another room of the event,
+    /// asked only for an event published before the session joined.
+    pub(crate) fn hold_if_replaying(
+        &self,
+        room: &RoomName,
+        id: EventId,
+        frame: &Bytes,
+        elsewhere: impl FnOnce() -> bool,
+    ) -> bool {
         if !self.replaying.load(Ordering::Acquire) {
             return false;
         }
@@ -160,13 +196,16 @@ impl Session {
         let Some(pos) = replays.iter().position(|r| &r.room == room) else {
             return false;
         };
-        match replays[pos].replayed_up_to {
+        let replay = &mut replays[pos];
+        match replay.drop_up_to {
             None => {
-                replays[pos].held.push((id, frame.clone()));
+                replay.held.push((id, frame.clone()));
                 true
             }
             Some(_) if id == EventId::ZERO => false,
-            Some(last) if id <= last => true,
+            // The session was in another of the event's rooms before it
+            // joined this one, and that room's copy skips it for this one.
+            Some(last) if id <= last => !(replay.before_join && elsewhere()),
             Some(_) => {
                 replays.swap_remove(pos);
                 if replays.is_empty() {
@@ -193,7 +232,7 @@ impl Session {
                 }
             }
             if last != EventId::ZERO && !newer {
-                replay.replayed_up_to = Some(last);
+                replay.drop_up_to = Some(last);
                 replays.push(replay);
             }
         }
@@ -205,7 +244,7 @@ impl Session {
     /// Drops what is remembered of a replay of `room` (the session left it).
     pub(crate) fn forget_replay(&self, room: &RoomName) {
         let mut replays = self.replays();
-        replays.retain(|r| &r.room != room || r.replayed_up_to.is_none());
+        replays.retain(|r| &r.room != room || r.drop_up_to.is_none());
         if replays.is_empty() {
             self.replaying.store(false, Ordering::Release);
         }

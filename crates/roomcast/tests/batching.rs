@@ -29,14 +29,6 @@ fn summaries(events: &[Value]) -> Vec<(String, u64)> {
         .collect()
 }
 
-async fn counter(node: &TestNode, series: &str) -> f64 {
-    let (status, page) = http_get(node.addr, "/metrics").await;
-    assert_eq!(status, 200);
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_into_one_room_shares_writes_and_keeps_every_members_order() {
     let redis = RedisServer::start().await;
@@ -123,8 +115,8 @@ async fn a_burst_into_one_room_shares_writes_and_keeps_every_members_order() {
         "each room in order"
     );
 
-    let deliveries = counter(&node, "roomcast_deliveries_total").await;
-    let deferred = counter(&node, "roomcast_deliveries_deferred_total").await;
+    let deliveries = node.counter("roomcast_deliveries_total").await;
+    let deferred = node.counter("roomcast_deliveries_deferred_total").await;
     let expected = (3 * team1.len() - 1 + team2.len() + 3) as f64;
     assert_eq!(deliveries, expected, "each delivery counted once");
     println!("{deferred} of {deliveries} deliveries deferred");

@@ -362,6 +362,34 @@ async fn a_room_that_held_a_thousand_events_refills_on_its_own() {
     t.assert_no_duplicate().await;
 }
 
+/// A client that subscribes while the room waits for its refill gets only
+/// what was published after it joined: not the event the room held from
+/// before, nor the one the refill reads from the outage before that.
+#[tokio::test]
+async fn a_client_subscribing_to_a_room_being_refilled_gets_nothing_from_before() {
+    let mut t = RefusedRoom::start().await;
+    let arrived = t.node.counter("roomcast_events_in_total").await;
+    t.publish_live(2..=2).await;
+    eventually("the node holds event 2", RECOVERY, || async {
+        t.node.counter("roomcast_events_in_total").await > arrived
+    })
+    .await;
+    let mut late = t.node.connect(&token("u2", &["1"])).await;
+    late.subscribe_all(&["team:1"]).await;
+    t.publish_live(3..=3).await;
+    t.allow_every_room();
+    for seq in 1..=3 {
+        assert_eq!(t.client.next_event().await["data"]["seq"], seq, "in order");
+    }
+    assert_eq!(
+        late.next_event().await["data"]["seq"],
+        3,
+        "only what came after"
+    );
+    t.assert_no_duplicate().await;
+    assert!(late.events_until("fence").await.is_empty(), "no duplicate");
+}
+
 /// The `id=` of a `CLIENT LIST` line.
 fn client_id(line: &str) -> String {
     line.split_whitespace()

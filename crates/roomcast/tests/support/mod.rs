@@ -129,6 +129,15 @@ impl TestNode {
     pub async fn readyz(&self) -> u16 {
         http_get(self.addr, "/readyz").await.0
     }
+
+    /// The value of an unlabelled metric series (0 before its first use).
+    pub async fn counter(&self, series: &str) -> f64 {
+        let (status, page) = http_get(self.addr, "/metrics").await;
+        assert_eq!(status, 200);
+        page.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
 }
 
 /// A node running as a child process of the built `roomcast` binary;
