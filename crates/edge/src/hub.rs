@@ -78,6 +78,15 @@ enum AfterRefill {
 /// past it the room refills on its own, since its events arrive again.
 const MAX_HELD: usize = 1_000;
 
+/// Where a join starts the session in the room.
+#[derive(Clone, Copy)]
+enum JoinFrom {
+    /// Live from now: nothing published before the join.
+    Now,
+    /// From a resume position the caller reads history after.
+    Resume,
+}
+
 /// One renderer's output for the event being fanned out.
 struct Rendered {
     frame: Option<Bytes>,
@@ -221,6 +230,15 @@ impl Hub {
         session: &Arc<Session>,
         room: RoomName,
     ) -> Result<Joined, BrokerError> {
+        self.join_from(session, room, JoinFrom::Now).await
+    }
+
+    async fn join_from(
+        &self,
+        session: &Arc<Session>,
+        room: RoomName,
+        from: JoinFrom,
+    ) -> Result<Joined, BrokerError> {
         if session.in_room(&room) {
             return Ok(Joined::AlreadyMember);
         }
@@ -248,13 +266,14 @@ impl Hub {
             // The events up to the newest one the room holds for a refill
             // were published before this join: the refill would otherwise
             // send them to this session too.
-            if let Some(last) = entry.resync.as_ref().and_then(|r| {
+            let newest_held = entry.resync.as_ref().and_then(|r| {
                 r.waiting
                     .iter()
                     .rev()
                     .map(|e| e.id)
                     .find(|id| *id != EventId::ZERO)
-            }) {
+            });
+            if let (JoinFrom::Now, Some(last)) = (from, newest_held) {
                 session.joined_after(&room, last);
             }
             entry.members.push(session.clone());
@@ -848,7 +867,10 @@ impl Hub {
         since: EventId,
     ) -> Result<Resume, BrokerError> {
         session.begin_replay(&room);
-        if let Err(e) = self.join(session, room.clone()).await {
+        if let Err(e) = self
+            .join_from(session, room.clone(), JoinFrom::Resume)
+            .await
+        {
             session.end_replay(&room, EventId::ZERO);
             return Err(e);
         }
@@ -1048,6 +1070,25 @@ mod tests {
         let next = held.publish(&["team:1"], 5).await;
         held.live("team:1", &next);
         assert_eq!(frames_data(&new), [5]);
+    }
+
+    /// The same for a session whose transport holds the room's live frames
+    /// until its own opening is out (SSE), with the refill done meanwhile.
+    #[tokio::test]
+    async fn a_session_holding_for_its_opening_gets_no_events_from_before_it_joined() {
+        let held = HeldRoom::new().await;
+        held.publish(&["team:1"], 2).await;
+        let waited = held.publish(&["team:1"], 3).await;
+        held.live("team:1", &waited);
+        let new = named_session("s_new");
+        new.begin_replay(&held.key.room);
+        held.hub.join(&new, held.key.room.clone()).await.unwrap();
+        let after = held.publish(&["team:1"], 4).await;
+        held.live("team:1", &after);
+        assert_eq!(held.resync(3).await, [2, 3, 4]);
+        assert_eq!(frames_data(&new), Vec::<u32>::new(), "held for the opening");
+        new.end_replay(&held.key.room, EventId::ZERO);
+        assert_eq!(frames_data(&new), [4]);
     }
 
     /// A session already in another room of such an event gets it through

@@ -66,11 +66,10 @@ struct Replay {
     /// broker outage reads it again) and is dropped; the first newer one
     /// ends the entry.
     drop_up_to: Option<EventId>,
-    /// `drop_up_to` marks events published before the session joined (it
-    /// joined a room that waited for a refill), not events it already has:
-    /// one of them still goes out when it reaches the session through no
-    /// other room.
-    before_join: bool,
+    /// The events up to this id were published before the session joined
+    /// (it joined a room held for a refill): they are not sent to it, except
+    /// one that reaches it through no other room. `ZERO` when none.
+    joined_after: EventId,
 }
 
 impl Session {
@@ -148,33 +147,38 @@ impl Session {
             // A room replayed before holds again (its `held` is empty then).
             Some(r) => {
                 r.drop_up_to = None;
-                r.before_join = false;
+                r.joined_after = EventId::ZERO;
             }
             None => replays.push(Replay {
                 room: room.clone(),
                 held: Vec::new(),
                 drop_up_to: None,
-                before_join: false,
+                joined_after: EventId::ZERO,
             }),
         }
         self.replaying.store(true, Ordering::Release);
     }
 
-    /// Joins `room` after the events up to `last`, which the room still
-    /// holds for a refill: they were published before this session joined,
-    /// so they are not sent to it. Nothing changes for a room the session
-    /// is replaying, whose own resume position decides.
+    /// Joins `room` (without resuming) after the events up to `last`, which
+    /// the room still holds for a refill: they were published before this
+    /// session joined, so they are not sent to it. A room held for the
+    /// session's own opening (SSE) keeps holding, without them.
     pub(crate) fn joined_after(&self, room: &RoomName, last: EventId) {
         let mut replays = self.replays();
-        if replays.iter().any(|r| &r.room == room) {
-            return;
+        match replays.iter_mut().find(|r| &r.room == room) {
+            Some(r) => {
+                r.joined_after = r.joined_after.max(last);
+                if let Some(up_to) = &mut r.drop_up_to {
+                    *up_to = (*up_to).max(last);
+                }
+            }
+            None => replays.push(Replay {
+                room: room.clone(),
+                held: Vec::new(),
+                drop_up_to: Some(last),
+                joined_after: last,
+            }),
         }
-        replays.push(Replay {
-            room: room.clone(),
-            held: Vec::new(),
-            drop_up_to: Some(last),
-            before_join: true,
-        });
         self.replaying.store(true, Ordering::Release);
     }
 
@@ -187,7 +191,7 @@ impl Session {
         room: &RoomName,
         id: EventId,
         frame: &Bytes,
-        elsewhere: impl FnOnce() -> bool,
+        elsewhere: impl Fn() -> bool,
     ) -> bool {
         if !self.replaying.load(Ordering::Acquire) {
             return false;
@@ -197,15 +201,17 @@ impl Session {
             return false;
         };
         let replay = &mut replays[pos];
+        // An event from before the join still goes to a session that was in
+        // another of its rooms: that room's copy skips it for this one.
+        let before_join = id != EventId::ZERO && id <= replay.joined_after;
         match replay.drop_up_to {
+            None if before_join && !elsewhere() => true,
             None => {
                 replay.held.push((id, frame.clone()));
                 true
             }
             Some(_) if id == EventId::ZERO => false,
-            // The session was in another of the event's rooms before it
-            // joined this one, and that room's copy skips it for this one.
-            Some(last) if id <= last => !(replay.before_join && elsewhere()),
+            Some(last) if id <= last => !(before_join && elsewhere()),
             Some(_) => {
                 replays.swap_remove(pos);
                 if replays.is_empty() {
@@ -218,21 +224,23 @@ impl Session {
 
     /// Ends the replay of `room`: queues the held live frames newer than
     /// `last` (ephemeral ones, without an id, always), then lets live frames
-    /// through, except those up to `last` (already replayed) until a newer
-    /// one came. Runs under the replay lock, so no live frame slips between.
+    /// through, except those up to `last` (already replayed) or from before
+    /// the join until a newer one came. Runs under the replay lock, so no
+    /// live frame slips between.
     pub(crate) fn end_replay(&self, room: &RoomName, last: EventId) {
         let mut replays = self.replays();
         if let Some(pos) = replays.iter().position(|r| &r.room == room) {
             let mut replay = replays.swap_remove(pos);
+            let up_to = last.max(replay.joined_after);
             let mut newer = false;
             for (id, frame) in replay.held.drain(..) {
                 if id == EventId::ZERO || id > last {
-                    newer |= id != EventId::ZERO;
+                    newer |= id > up_to;
                     let _ = self.outbox.push(frame);
                 }
             }
-            if last != EventId::ZERO && !newer {
-                replay.drop_up_to = Some(last);
+            if up_to != EventId::ZERO && !newer {
+                replay.drop_up_to = Some(up_to);
                 replays.push(replay);
             }
         }
