@@ -215,6 +215,10 @@ pub struct WorkerStats {
     pub closed: u64,
     /// Latency histogram (µs) as (value, count) pairs.
     pub hist: Vec<(u64, u64)>,
+    /// Publish→broker histogram (ms): the event id's ms (the Redis stream
+    /// entry's clock, when the script ran) minus the publisher's `t_ns`.
+    #[serde(default)]
+    pub to_broker: Vec<(u64, u64)>,
 }
 
 /// Machine-wide (busy, steal, total) jiffies from the `cpu` line of /proc/stat.

@@ -65,6 +65,10 @@ pub struct Row {
     /// over `roomcast_deliveries_total`); absent for a server without them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shared_write_pct: Option<f64>,
+    /// p99 of publish→broker (ms, at the event id's 1 ms resolution): the
+    /// part of the latency spent before a node could see the event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_broker_p99_ms: Option<f64>,
     /// redis-publish: Redis CPU per publish, µs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_us_per_publish: Option<f64>,
@@ -402,19 +406,34 @@ fn drain_note(row: &Row) -> Option<String> {
     }
 }
 
-async fn stats(workers: &mut [Proc]) -> Result<(WorkerStats, Histogram<u64>)> {
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut all = WorkerStats::default();
+/// The workers' counts and latency histograms, merged.
+struct Received {
+    counts: WorkerStats,
+    /// Publish→deliver, µs.
+    latency: Histogram<u64>,
+    /// Publish→broker (the event id's clock), ms.
+    to_broker: Histogram<u64>,
+}
+
+async fn stats(workers: &mut [Proc]) -> Result<Received> {
+    let mut got = Received {
+        counts: WorkerStats::default(),
+        latency: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        to_broker: Histogram::new_with_bounds(1, 60_000, 3)?,
+    };
     for w in workers.iter_mut() {
         let s: WorkerStats = serde_json::from_str(&w.ask("stats", PATIENCE).await?)?;
-        all.measured += s.measured;
-        all.all += s.all;
-        all.closed += s.closed;
+        got.counts.measured += s.measured;
+        got.counts.all += s.all;
+        got.counts.closed += s.closed;
         for (v, c) in s.hist {
-            hist.saturating_record_n(v, c);
+            got.latency.saturating_record_n(v, c);
+        }
+        for (v, c) in s.to_broker {
+            got.to_broker.saturating_record_n(v, c);
         }
     }
-    Ok((all, hist))
+    Ok(got)
 }
 
 fn cpu_sum(pids: &[u32]) -> (f64, f64) {
@@ -574,7 +593,8 @@ async fn step_once(
         + (r1.0 - r0.0)
         + (r1.1 - r0.1);
     let other = (busy_cpu_s(m0, m1) - ours).max(0.0);
-    let (ws, hist) = stats(&mut c.workers).await?;
+    let received = stats(&mut c.workers).await?;
+    let ws = &received.counts;
     let mut row = Row {
         scenario: name.into(),
         nodes: c.nodes.len(),
@@ -610,7 +630,10 @@ async fn step_once(
             rss_mib: rss,
         });
     }
-    fill_latency(&mut row, &hist);
+    fill_latency(&mut row, &received.latency);
+    if !received.to_broker.is_empty() {
+        row.to_broker_p99_ms = Some(received.to_broker.value_at_quantile(0.99) as f64);
+    }
     if let Some(n) = drain_note(&row) {
         row.note = n;
     }
@@ -618,6 +641,9 @@ async fn step_once(
         let pct = 100.0 * (b.1 - a.1) / (b.0 - a.0).max(1.0);
         row.shared_write_pct = Some(pct);
         row.note = format!("{pct:.0}% in shared writes; {}", row.note);
+    }
+    if let Some(ms) = row.to_broker_p99_ms {
+        row.note = format!("publish->Redis p99 {ms:.0} ms; {}", row.note);
     }
     if c.peer == Peer::Socketio {
         row.note = format!("peer: Socket.IO + Redis adapter; {}", row.note);
@@ -839,7 +865,8 @@ impl FloorRig {
         let (busy, steal) = busy_pct(m0, m1);
         let ours = (f1.0 - f0.0) + (f1.1 - f0.1) + (g1.0 - g0.0) + (g1.1 - g0.1);
         let other = (busy_cpu_s(m0, m1) - ours).max(0.0);
-        let (ws, hist) = stats(workers).await?;
+        let received = stats(workers).await?;
+        let ws = &received.counts;
         let written = out["written"].as_u64().unwrap_or(0);
         let mut row = Row {
             scenario: name.into(),
@@ -878,7 +905,7 @@ impl FloorRig {
                 row.note
             );
         }
-        fill_latency(&mut row, &hist);
+        fill_latency(&mut row, &received.latency);
         if let Some(n) = drain_note(&row) {
             row.note = format!("{n}; {}", row.note);
         }

@@ -22,6 +22,9 @@ use crate::poller::Poller;
 
 pub struct Stats {
     hist: Histogram<u64>,
+    /// Per delivery, ms from the publisher's stamp to the id Redis gave the
+    /// event: the part of the latency spent before any node saw it.
+    to_broker: Histogram<u64>,
     measured: u64,
     all: u64,
     pub closed: u64,
@@ -32,6 +35,7 @@ pub struct Stats {
 pub static STATS: LazyLock<Mutex<Stats>> = LazyLock::new(|| {
     Mutex::new(Stats {
         hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds"),
+        to_broker: Histogram::new_with_bounds(1, 60_000, 3).expect("valid bounds"),
         measured: 0,
         all: 0,
         closed: 0,
@@ -41,6 +45,16 @@ pub static STATS: LazyLock<Mutex<Stats>> = LazyLock::new(|| {
 static W1: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(br#""w":1"#));
 static TNS: LazyLock<memmem::Finder<'static>> =
     LazyLock::new(|| memmem::Finder::new(br#""t_ns":"#));
+static ID: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(br#""id":""#));
+
+/// The unsigned integer at the start of `bytes`.
+fn leading_number(bytes: &[u8]) -> u64 {
+    let mut n = 0u64;
+    for &d in bytes.iter().take_while(|d| d.is_ascii_digit()) {
+        n = n * 10 + (d - b'0') as u64;
+    }
+    n
+}
 
 impl Stats {
     /// Counts an event frame received at `now` (ns) and records its latency
@@ -52,13 +66,15 @@ impl Stats {
         }
         self.measured += 1;
         if let Some(p) = TNS.find(payload) {
-            let digits = &payload[p + 7..];
-            let mut t = 0u64;
-            for &d in digits.iter().take_while(|d| d.is_ascii_digit()) {
-                t = t * 10 + (d - b'0') as u64;
-            }
+            let t = leading_number(&payload[p + 7..]);
             let us = now.saturating_sub(t) / 1000;
             self.hist.saturating_record(us.max(1));
+            // Frames without a stream id (a peer's) say nothing of the broker.
+            if let Some(i) = ID.find(payload) {
+                let id_ms = leading_number(&payload[i + 6..]);
+                self.to_broker
+                    .saturating_record(id_ms.saturating_sub(t / 1_000_000).max(1));
+            }
         }
     }
 }
@@ -100,6 +116,11 @@ async fn run(spec: WorkerSpec) -> Result<()> {
                             .iter_recorded()
                             .map(|v| (v.value_iterated_to(), v.count_at_value()))
                             .collect(),
+                        to_broker: s
+                            .to_broker
+                            .iter_recorded()
+                            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+                            .collect(),
                     }
                 };
                 println!("{}", serde_json::to_string(&s)?);
@@ -109,6 +130,7 @@ async fn run(spec: WorkerSpec) -> Result<()> {
                 {
                     let mut s = stats();
                     s.hist.reset();
+                    s.to_broker.reset();
                     s.measured = 0;
                     s.all = 0;
                 }
