@@ -131,6 +131,20 @@ pub fn cpu_of(pid: u32) -> (f64, f64) {
     (ut / hz, st / hz)
 }
 
+/// Nanoseconds the threads of `pid` have waited on a run queue for a CPU
+/// (the second field of each `/proc/<pid>/task/*/schedstat`), summed; 0
+/// where the kernel keeps no such figure (built without `CONFIG_SCHED_INFO`).
+pub fn run_delay_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Resident set size in bytes, from /proc/<pid>/status.
 pub fn rss_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

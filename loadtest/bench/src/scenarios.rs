@@ -10,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::common::{
-    busy_pct, cpu_of, machine_jiffies, now_ms, rss_of, slab_bytes, tcp_mem_bytes, ConnectReport,
-    Layout, Peer, Rng, WorkerSpec, WorkerStats,
+    busy_pct, cpu_of, machine_jiffies, now_ms, rss_of, run_delay_ns, slab_bytes, tcp_mem_bytes,
+    ConnectReport, Layout, Peer, Rng, WorkerSpec, WorkerStats,
 };
 use crate::procs::{spawn, Proc};
 use crate::publish;
@@ -69,6 +69,16 @@ pub struct Row {
     /// part of the latency spent before a node could see the event.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub to_broker_p99_ms: Option<f64>,
+    /// p99 of publish→node (ms, the upper bound of the node histogram's
+    /// bucket, from the publisher's `ts`): each event's arrival at a node,
+    /// before its fan-out, from `roomcast_publish_to_deliver_seconds`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arrival_p99_ms: Option<f64>,
+    /// Milliseconds per second of the window the server's threads (all
+    /// nodes', or the floor probe's) waited on a run queue for a CPU
+    /// (`/proc/<pid>/task/*/schedstat`), where the kernel keeps it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub runq_ms_per_s: Option<f64>,
     /// redis-publish: Redis CPU per publish, µs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_us_per_publish: Option<f64>,
@@ -183,7 +193,8 @@ async fn ready(addr: &str) -> bool {
 }
 
 /// One counter from a node's `/metrics`, if the node exports it.
-async fn counter_of(addr: &str, series: &str) -> Option<f64> {
+/// A node's `/metrics` page.
+async fn metrics_page(addr: &str) -> Option<String> {
     let mut s = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(addr))
         .await
         .ok()?
@@ -195,7 +206,11 @@ async fn counter_of(addr: &str, series: &str) -> Option<f64> {
         .await
         .ok()?
         .ok()?;
-    String::from_utf8_lossy(&buf).lines().find_map(|l| {
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn series_of(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|l| {
         l.strip_prefix(series)?
             .strip_prefix(' ')?
             .trim()
@@ -204,15 +219,85 @@ async fn counter_of(addr: &str, series: &str) -> Option<f64> {
     })
 }
 
-/// `(deliveries, deferred deliveries)` summed over the nodes, if they all
-/// export both counters.
-async fn delivery_counters(nodes: &[(Proc, String)]) -> Option<(f64, f64)> {
-    let mut sum = (0.0, 0.0);
+/// The cumulative `(le, count)` buckets of histogram `name`, `+Inf` last.
+fn buckets_of(page: &str, name: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    page.lines()
+        .filter_map(|l| {
+            let (le, count) = l.strip_prefix(&prefix)?.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// What the nodes' metrics say, summed over the nodes.
+#[derive(Clone, Default)]
+struct NodeCounters {
+    deliveries: f64,
+    deferred: f64,
+    /// `roomcast_publish_to_deliver_seconds`: each event's arrival at a node
+    /// (before its fan-out) from the publisher's `ts`, cumulative buckets.
+    arrival: Vec<(f64, f64)>,
+}
+
+/// The nodes' counters, if they all export the delivery counters.
+async fn node_counters(nodes: &[(Proc, String)]) -> Option<NodeCounters> {
+    let mut sum = NodeCounters::default();
     for (_, addr) in nodes {
-        sum.0 += counter_of(addr, "roomcast_deliveries_total").await?;
-        sum.1 += counter_of(addr, "roomcast_deliveries_deferred_total").await?;
+        let page = metrics_page(addr).await?;
+        sum.deliveries += series_of(&page, "roomcast_deliveries_total")?;
+        sum.deferred += series_of(&page, "roomcast_deliveries_deferred_total")?;
+        let arrival = buckets_of(&page, "roomcast_publish_to_deliver_seconds");
+        if sum.arrival.is_empty() {
+            sum.arrival = arrival;
+        } else if arrival.len() == sum.arrival.len() {
+            for (s, (_, c)) in sum.arrival.iter_mut().zip(arrival) {
+                s.1 += c;
+            }
+        }
     }
     Some(sum)
+}
+
+/// Run-queue wait per second of `window_s`, `None` when the kernel keeps none.
+fn runq_ms_per_s(before_ns: u64, after_ns: u64, window_s: f64) -> Option<f64> {
+    (after_ns > before_ns).then(|| (after_ns - before_ns) as f64 / 1e6 / window_s)
+}
+
+fn runq_note(row: &Row) -> String {
+    row.runq_ms_per_s
+        .map(|ms| format!("waited for a CPU {ms:.0} ms/s; "))
+        .unwrap_or_default()
+}
+
+/// The bucket bound (ms) at or below which 99 % of the events between two
+/// scrapes arrived at the nodes; `None` without events.
+fn arrival_p99_ms(before: &NodeCounters, after: &NodeCounters) -> Option<f64> {
+    let delta: Vec<(f64, f64)> = after
+        .arrival
+        .iter()
+        .map(|&(le, c)| {
+            let b = before
+                .arrival
+                .iter()
+                .find(|b| b.0 == le)
+                .map_or(0.0, |b| b.1);
+            (le, c - b)
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    delta
+        .iter()
+        .find(|(_, c)| *c >= 0.99 * total)
+        .map(|(le, _)| le * 1000.0)
 }
 
 async fn start_nodes(env: &Env, n: usize, redis_addr: &str) -> Result<Vec<(Proc, String)>> {
@@ -564,7 +649,8 @@ async fn step_once(
     let redis_pid = c.redis.as_ref().map(|r| r.pid).unwrap_or(0);
     let per0: Vec<(f64, f64)> = node_pids.iter().map(|p| cpu_of(*p)).collect();
     let (n0, g0, r0) = (cpu_sum(&node_pids), cpu_sum(&gen_pids), cpu_of(redis_pid));
-    let d0 = delivery_counters(&c.nodes).await;
+    let d0 = node_counters(&c.nodes).await;
+    let q0: u64 = node_pids.iter().map(|p| run_delay_ns(*p)).sum();
     let m0 = machine_jiffies();
     let t0 = Instant::now();
     let rep = publish::run(
@@ -581,7 +667,8 @@ async fn step_once(
     .await?;
     let drain_s = drain(&mut c.workers, rep.expected).await?;
     let window_s = t0.elapsed().as_secs_f64();
-    let d1 = delivery_counters(&c.nodes).await;
+    let d1 = node_counters(&c.nodes).await;
+    let q1: u64 = node_pids.iter().map(|p| run_delay_ns(*p)).sum();
     let per1: Vec<(f64, f64)> = node_pids.iter().map(|p| cpu_of(*p)).collect();
     let (n1, g1, r1) = (cpu_sum(&node_pids), cpu_sum(&gen_pids), cpu_of(redis_pid));
     let m1 = machine_jiffies();
@@ -631,20 +718,27 @@ async fn step_once(
         });
     }
     fill_latency(&mut row, &received.latency);
+    row.runq_ms_per_s = runq_ms_per_s(q0, q1, window_s);
     if !received.to_broker.is_empty() {
         row.to_broker_p99_ms = Some(received.to_broker.value_at_quantile(0.99) as f64);
     }
     if let Some(n) = drain_note(&row) {
         row.note = n;
     }
-    if let (Some(a), Some(b)) = (d0, d1) {
-        let pct = 100.0 * (b.1 - a.1) / (b.0 - a.0).max(1.0);
+    if let (Some(a), Some(b)) = (&d0, &d1) {
+        let pct = 100.0 * (b.deferred - a.deferred) / (b.deliveries - a.deliveries).max(1.0);
         row.shared_write_pct = Some(pct);
         row.note = format!("{pct:.0}% in shared writes; {}", row.note);
+        row.arrival_p99_ms = arrival_p99_ms(a, b);
     }
-    if let Some(ms) = row.to_broker_p99_ms {
-        row.note = format!("publish->Redis p99 {ms:.0} ms; {}", row.note);
-    }
+    let stages = match (row.to_broker_p99_ms, row.arrival_p99_ms) {
+        (Some(r), Some(n)) if n.is_finite() => {
+            format!("p99 publish->Redis {r:.0} ms, ->node <= {n} ms; ")
+        }
+        (Some(r), _) => format!("p99 publish->Redis {r:.0} ms; "),
+        _ => String::new(),
+    };
+    row.note = format!("{stages}{}{}", runq_note(&row), row.note);
     if c.peer == Peer::Socketio {
         row.note = format!("peer: Socket.IO + Redis adapter; {}", row.note);
     }
@@ -850,12 +944,14 @@ impl FloorRig {
         }
         let gen_pids: Vec<u32> = workers.iter().map(|w| w.pid).chain([self_pid()]).collect();
         let (f0, g0) = (cpu_of(fl.pid), cpu_sum(&gen_pids));
+        let q0 = run_delay_ns(fl.pid);
         let m0 = machine_jiffies();
         let t = Instant::now();
         let out: serde_json::Value =
             serde_json::from_str(&fl.ask(&format!("run {rate} 1 {secs}"), PATIENCE).await?)?;
         let elapsed = t.elapsed().as_secs_f64();
         let f1 = cpu_of(fl.pid);
+        let q1 = run_delay_ns(fl.pid);
         let expected = out["expected"].as_u64().unwrap_or(0);
         let t_drain = Instant::now();
         let drain_s = drain(workers, expected).await?;
@@ -906,6 +1002,8 @@ impl FloorRig {
             );
         }
         fill_latency(&mut row, &received.latency);
+        row.runq_ms_per_s = runq_ms_per_s(q0, q1, elapsed);
+        row.note = format!("{}{}", runq_note(&row), row.note);
         if let Some(n) = drain_note(&row) {
             row.note = format!("{n}; {}", row.note);
         }
