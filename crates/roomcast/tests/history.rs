@@ -12,6 +12,7 @@ use roomcast_broker_redis::room_channel;
 use roomcast_protocol::RoomKey;
 use roomcast_testkit::{query, redis_cli, unique_prefix, RedisCluster, RedisServer};
 use serde_json::{json, Value};
+use support::sse::SseClient;
 use support::*;
 
 /// A token granting explicit rooms.
@@ -301,6 +302,31 @@ impl RefusedRoom {
         }
     }
 
+    /// Publishes event 2 live and waits until the node holds it.
+    async fn hold_event_2(&self) {
+        let arrived = self.node.counter("roomcast_events_in_total").await;
+        self.publish_live(2..=2).await;
+        eventually("the node holds event 2", RECOVERY, || async {
+            self.node.counter("roomcast_events_in_total").await > arrived
+        })
+        .await;
+    }
+
+    /// Publishes event 3 live, lets the node resync, and expects events 1-3
+    /// for the client from before, then a fence (for every client).
+    async fn refill_after_event_3(&mut self) {
+        self.publish_live(3..=3).await;
+        self.allow_every_room();
+        for seq in 1..=3 {
+            assert_eq!(
+                self.client.next_event().await["data"]["seq"],
+                seq,
+                "in order"
+            );
+        }
+        self.assert_no_duplicate().await;
+    }
+
     /// Gives the node back the refused room, so it resyncs.
     fn allow_every_room(&self) {
         for url in self.cluster.urls() {
@@ -368,26 +394,34 @@ async fn a_room_that_held_a_thousand_events_refills_on_its_own() {
 #[tokio::test]
 async fn a_client_subscribing_to_a_room_being_refilled_gets_nothing_from_before() {
     let mut t = RefusedRoom::start().await;
-    let arrived = t.node.counter("roomcast_events_in_total").await;
-    t.publish_live(2..=2).await;
-    eventually("the node holds event 2", RECOVERY, || async {
-        t.node.counter("roomcast_events_in_total").await > arrived
-    })
-    .await;
+    t.hold_event_2().await;
     let mut late = t.node.connect(&token("u2", &["1"])).await;
     late.subscribe_all(&["team:1"]).await;
-    t.publish_live(3..=3).await;
-    t.allow_every_room();
-    for seq in 1..=3 {
-        assert_eq!(t.client.next_event().await["data"]["seq"], seq, "in order");
-    }
-    assert_eq!(
-        late.next_event().await["data"]["seq"],
-        3,
-        "only what came after"
-    );
-    t.assert_no_duplicate().await;
-    assert!(late.events_until("fence").await.is_empty(), "no duplicate");
+    t.refill_after_event_3().await;
+    let seqs: Vec<Value> = late.events_until("fence").await;
+    let seqs: Vec<&Value> = seqs.iter().map(|e| &e["data"]["seq"]).collect();
+    assert_eq!(seqs, [&json!(3)], "only what came after, once");
+}
+
+/// The same for an SSE stream opened meanwhile, whose rooms wait behind
+/// its opening event.
+#[tokio::test]
+async fn an_sse_stream_opened_on_a_room_being_refilled_gets_nothing_from_before() {
+    let mut t = RefusedRoom::start().await;
+    t.hold_event_2().await;
+    let auth = format!("Bearer {}", token("u2", &["1"]));
+    let mut late = SseClient::open(
+        t.node.addr,
+        "/v1/sse?rooms=team:1",
+        &[("Authorization", &auth)],
+    )
+    .await
+    .expect("the stream opens");
+    assert_eq!(late.subscribed().await["rooms"], json!(["team:1"]));
+    t.refill_after_event_3().await;
+    let got: Vec<Value> = late.events_until("fence").await;
+    let seqs: Vec<&Value> = got.iter().map(|e| &e["data"]["seq"]).collect();
+    assert_eq!(seqs, [&json!(3)], "only what came after, once");
 }
 
 /// The `id=` of a `CLIENT LIST` line.

@@ -4,6 +4,8 @@
 //! requests over TCP.
 #![allow(dead_code, unreachable_pub)] // each test uses a subset
 
+pub mod sse;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::process::Stdio;
